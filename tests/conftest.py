@@ -1,0 +1,52 @@
+"""Shared test fixtures: the real material in ../shared (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED = Path(os.environ.get("SKIPCONV_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing: CI must run the tests that need ../shared")
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared_dir: Path) -> Path:
+    return _require(shared_dir / "weights")
+
+
+@pytest.fixture(scope="session")
+def videos_dir(shared_dir: Path) -> Path:
+    return _require(shared_dir / "videos")
+
+
+def read_frames(path: Path, count: int, start: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """BGR uint8 frames [start, start + count) of a video, optionally resized to (width, height)."""
+    cap = cv2.VideoCapture(str(path))
+    if start:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+    frames = []
+    while len(frames) < count:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size else frame)
+    cap.release()
+    assert len(frames) == count, f"{path} gave {len(frames)} of {count} frames"
+    return frames
