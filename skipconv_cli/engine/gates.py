@@ -1,0 +1,96 @@
+"""Gates: where a Skip-Convolution recomputes its output (NOTES.md Eq. 5, 7, 8).
+
+All gates see the residual ``r = x - x_ref`` of a layer and return a boolean mask at the layer's output
+resolution, one channel, per stream: [N, 1, H_out, W_out].
+
+Norm thresholds are scale-free: a residual estimate is divided by the layer's own scale, measured on the
+last dense frame of the stream, so one ``threshold`` means the same in every layer and every model:
+- ``input-norm``: support L1 norm of r at p divided by the mean support L1 norm of the dense input.
+  ``threshold=0.1`` means "recompute where the input under the kernel changed by more than 10% of a
+  typical input patch".
+- ``output-norm``: Young's bound ||W||_1 * (support norm of r at p), divided by the layer's mean output
+  magnitude summed over channels (C_out * mean |z|). It bounds the change of the output at p relative to
+  a typical output; the bound is loose, so useful thresholds are around 0.1-3.
+- ``gumbel``: a learned one-output-channel conv on r; fires where its logit is positive (sigmoid > 0.5).
+  Like every gate it never fires where the residual is exactly zero over the kernel support.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATES = ("input-norm", "output-norm", "gumbel")
+BLOCK_SIZES = (1, 2, 4, 8)
+GUMBEL_BIAS_INIT = 0.6
+GUMBEL_TEMPERATURE = 2.0 / 3.0
+
+
+def pad_like_conv(t: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pads ``t`` the way ``conv`` pads its input; returns the tensor and the padding still to apply
+    inside ``F.conv2d`` (zero padding is left to the conv, other modes are applied here)."""
+    if conv.padding_mode == "zeros":
+        return t, conv.padding  # type: ignore[return-value]
+    return F.pad(t, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+
+
+def support_sum(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Sum of a one-channel map [N, 1, H, W] over the kernel support of every output of ``conv``."""
+    padded, padding = pad_like_conv(t, conv)
+    ones = t.new_ones((1, 1, *conv.kernel_size))
+    return F.conv2d(padded, ones, stride=conv.stride, padding=padding, dilation=conv.dilation)
+
+
+def blockify(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """Makes a gate constant over ``block x block`` tiles of the output: max-pool, then nearest upsample."""
+    if block == 1:
+        return mask
+    h, w = mask.shape[-2:]
+    pooled = F.max_pool2d(mask.to(torch.float32), block, block, ceil_mode=True)
+    return pooled.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w] > 0
+
+
+def channel_abs_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().sum(1, keepdim=True)
+
+
+def make_gumbel_gate(conv: nn.Conv2d) -> nn.Conv2d:
+    """The learned gate of a layer: one output channel, the layer's kernel, stride, padding, dilation.
+
+    Weights start at zero and the bias at 0.6, so a fresh gate is open everywhere (sigmoid(0.6) > 0.5):
+    converting with untrained Gumbel gates is exact, and training only teaches them to close.
+    """
+    gate = nn.Conv2d(
+        conv.in_channels,
+        1,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    )
+    nn.init.zeros_(gate.weight)
+    nn.init.constant_(gate.bias, GUMBEL_BIAS_INIT)
+    return gate
+
+
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
+    """Binary-concrete sample with a hard 0/1 forward value and the soft sample's gradient."""
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    noise = torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid((logits + noise) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def check_gate_args(gate: str, threshold: float, block: int) -> None:
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}; got {gate!r}")
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a number >= 0; got {threshold!r}")
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"block must be one of {', '.join(map(str, BLOCK_SIZES))}; got {block!r}")

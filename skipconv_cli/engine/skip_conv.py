@@ -1,0 +1,306 @@
+"""The Skip-Convolution layer: a ``nn.Conv2d`` that recomputes its output only where its input changed.
+
+The invariant that makes it exact (NOTES.md, "Two design facts"): per stream the layer keeps a reference
+input ``x_ref`` and its output ``z = W * x_ref + b``. On each frame a gate marks the outputs worth
+recomputing; the input pixels those outputs own take their new value (``d = x - x_ref`` there, zero
+elsewhere), and ``z += W * d`` with no bias. ``z = W * x_ref + b`` holds after every frame, so threshold 0
+is exact, and change below the threshold stays pending in ``x - x_ref`` until it matters: no drift.
+
+The paper's lossy variant (``reference="previous"``) instead sets ``x_ref = x`` after every frame, so the
+skipped change is lost for good; it is kept for comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from skipconv_cli.engine.gates import (
+    blockify,
+    channel_abs_sum,
+    check_gate_args,
+    gumbel_sigmoid,
+    make_gumbel_gate,
+    support_sum,
+)
+from skipconv_cli.engine.macs import conv_macs, gumbel_gate_macs, macs_per_output_position, norm_gate_macs
+
+REFERENCES = ("pending", "previous")
+_EPS = 1e-12
+
+
+@functools.lru_cache(maxsize=512)
+def owner_index(
+    in_size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> tuple[int, ...]:
+    """For each input position along one axis, the output position that owns it.
+
+    An input is owned by an output that reads it, preferring ``q // stride`` so that block gates map to
+    aligned input blocks. When the owner's gate fires the input takes its new value. Because the owner
+    always reads the input, a changed input makes its owner's support norm non-zero: at threshold 0 every
+    change is applied. Inputs no output reads keep the aligned owner; their value never matters.
+    """
+    reach = dilation * (kernel - 1)
+
+    def reads(o: int, q: int) -> bool:
+        offset = q - (o * stride - padding)
+        return 0 <= offset <= reach and offset % dilation == 0
+
+    owners = []
+    for q in range(in_size):
+        preferred = min(q // stride, out_size - 1)
+        if reads(preferred, q):
+            owners.append(preferred)
+            continue
+        lo = max(0, math.ceil((q + padding - reach) / stride))
+        hi = min(out_size - 1, (q + padding) // stride)
+        readers = [o for o in range(lo, hi + 1) if reads(o, q)]
+        owners.append(min(readers, key=lambda o: abs(o - preferred)) if readers else preferred)
+    return tuple(owners)
+
+
+class SkipConv2d(nn.Conv2d):
+    """A 2D convolution over a video stream that computes only where the input changed.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode:
+            as ``nn.Conv2d``; parameter names (``weight``, ``bias``) are kept so state_dicts load as they are.
+        gate: ``"output-norm"`` (default), ``"input-norm"`` or ``"gumbel"`` (see ``gates.py``).
+        threshold: scale-free gate threshold (>= 0; default 0.3). 0 recomputes every change: exact.
+            Ignored by the Gumbel gate, which decides by its own logits.
+        block: 1, 2, 4 or 8: the gate is constant over ``block x block`` output tiles.
+        reset_every: recompute densely every this many frames (None: only on the first frame, after
+            ``reset()``, or when the input shape, dtype or device changes).
+        reference: ``"pending"`` (default: skipped change stays pending, no drift) or ``"previous"``
+            (the paper's lossy reference, the true previous input).
+
+    Shape:
+        - Input: (N, C_in, H, W); each of the N samples is an independent stream with its own state.
+        - Output: (N, C_out, H_out, W_out) as ``nn.Conv2d``.
+        - State per stream (not in the state_dict): the reference input (C_in, H, W), the output
+          (C_out, H_out, W_out) and two scales.
+
+    Examples:
+        >>> layer = SkipConv2d.from_conv(nn.Conv2d(3, 8, 3, padding=1), threshold=0.0)
+        >>> frames = torch.rand(5, 1, 3, 32, 32)
+        >>> outs = [layer(f) for f in frames]   # first frame dense, then only the changes
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        gate: str = "output-norm",
+        threshold: float = 0.3,
+        block: int = 1,
+        reset_every: int | None = None,
+        reference: str = "pending",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype,
+        )  # fmt: skip
+        check_gate_args(gate, threshold, block)
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}; got {reference!r}")
+        if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):
+            raise ValueError(f"reset_every must be a positive integer or None; got {reset_every!r}")
+        if isinstance(self.padding, str):
+            raise ValueError("SkipConv2d needs explicit padding; convert() resolves padding='same'")
+        self.gate_type = gate
+        self.threshold = float(threshold)
+        self.block = block
+        self.reset_every = reset_every
+        self.reference = reference
+        self.gate = make_gumbel_gate(self).to(device=device, dtype=dtype) if gate == "gumbel" else None
+        self.reset()
+        self.reset_stats()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, **options) -> SkipConv2d:
+        """A Skip-Conv with ``conv``'s geometry and weights, with an eval-mode BatchNorm folded in."""
+        padding = conv.padding
+        if isinstance(padding, str):  # "same"/"valid": resolve to numbers (odd kernels only, like torch)
+            padding = tuple(
+                0 if padding == "valid" else d * (k - 1) // 2
+                for k, d in zip(conv.kernel_size, conv.dilation, strict=True)
+            )
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else None
+        if bn is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn)
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+            conv.groups, bias is not None, conv.padding_mode, weight.device, weight.dtype, **options,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", gate={self.gate_type}"
+        if self.gate_type != "gumbel":
+            s += f", threshold={self.threshold:g}"
+        if self.block != 1:
+            s += f", block={self.block}"
+        if self.reset_every is not None:
+            s += f", reset_every={self.reset_every}"
+        if self.reference != "pending":
+            s += f", reference={self.reference}"
+        return s
+
+    # -- stream state ---------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Drops the stream state: the next frame is computed densely."""
+        self._x_ref: torch.Tensor | None = None
+        self._z: torch.Tensor | None = None
+        self._in_scale: torch.Tensor | None = None
+        self._out_scale: torch.Tensor | None = None
+        self._frames_since_dense = 0
+        self.last_computed: torch.Tensor | None = None  # [N, 1, H_out, W_out] bool, for overlays
+        self.last_gate: torch.Tensor | None = None  # the gate of the last skip frame (float in training)
+
+    def reset_stats(self) -> None:
+        self.stats_frames = 0
+        self.stats_dense_frames = 0
+        self.stats_outputs_total = 0
+        self._computed_outputs = torch.zeros((), dtype=torch.long)
+        self.stats_gate_macs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._needs_dense(x):
+            return self._dense_frame(x)
+        return self._skip_frame(x)
+
+    def _needs_dense(self, x: torch.Tensor) -> bool:
+        ref = self._x_ref
+        if ref is None or ref.shape != x.shape or ref.dtype != x.dtype or ref.device != x.device:
+            return True
+        return self.reset_every is not None and self._frames_since_dense >= self.reset_every
+
+    def _dense_frame(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._conv_forward(x, self.weight, self.bias)
+        with torch.no_grad():
+            self._x_ref = x.detach().clone()
+            self._z = z.detach().clone()
+            n = x.shape[0]
+            out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True) * self.out_channels
+            self._out_scale = out_scale.clamp_min(_EPS)
+            input_support = support_sum(channel_abs_sum(x.detach()), self)
+            self._in_scale = input_support.mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
+            self._frames_since_dense = 1
+            self.last_computed = torch.ones((n, 1, *z.shape[-2:]), dtype=torch.bool, device=z.device)
+            self._count(n, z.shape[-2:], computed=None, gate_macs=0)
+        return z
+
+    def _skip_frame(self, x: torch.Tensor) -> torch.Tensor:
+        x_ref, z_prev = self._x_ref, self._z
+        residual = x - x_ref
+        gate = self._gate(residual)
+        owned = self._owned_inputs(gate, x.shape[-2:])
+        if owned.dtype == torch.bool:
+            new_ref = torch.where(owned, x.detach(), x_ref)
+            delta = new_ref - x_ref
+        else:  # training: a straight-through 0/1 gate keeps the gradient path to the gate's parameters
+            delta = residual * owned
+            new_ref = (x_ref + delta).detach()
+        z = z_prev + self._conv_forward(delta, self.weight, None)
+        with torch.no_grad():
+            computed = support_sum(owned.detach().to(x.dtype), self) > 0
+            self._x_ref = x.detach().clone() if self.reference == "previous" else new_ref
+            self._z = z.detach().clone()
+            self._frames_since_dense += 1
+            self.last_computed = computed
+            in_hw, out_hw = x.shape[-2:], z.shape[-2:]
+            gate_cost = gumbel_gate_macs if self.gate_type == "gumbel" else norm_gate_macs
+            self._count(x.shape[0], out_hw, computed=computed, gate_macs=gate_cost(self, in_hw, out_hw))
+        return z
+
+    def _gate(self, residual: torch.Tensor) -> torch.Tensor:
+        """The output-resolution gate: bool, or a straight-through float while training a Gumbel gate."""
+        support = support_sum(channel_abs_sum(residual.detach()), self)
+        changed = support > 0
+        if self.gate_type == "gumbel":
+            logits = self.gate(residual)
+            if self.training:
+                gate = gumbel_sigmoid(logits) * changed.to(logits.dtype)
+            else:
+                gate = (logits > 0) & changed
+        elif self.gate_type == "input-norm":
+            gate = support > self.threshold * self._in_scale if self.threshold > 0 else changed
+        else:
+            weight_l1 = self.weight.detach().abs().sum()
+            gate = support * weight_l1 > self.threshold * self._out_scale if self.threshold > 0 else changed
+        gate = blockify(gate, self.block)
+        self.last_gate = gate
+        return gate
+
+    def _owned_inputs(self, gate: torch.Tensor, in_hw: torch.Size) -> torch.Tensor:
+        """The input pixels whose new value is taken: those owned by a gated output."""
+        out_h, out_w = gate.shape[-2:]
+        index = [
+            torch.tensor(owner_index(size, out, k, s, p, d), device=gate.device)
+            for size, out, k, s, p, d in zip(
+                in_hw, (out_h, out_w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True
+            )
+        ]
+        return gate.index_select(-2, index[0]).index_select(-1, index[1])
+
+    # -- accounting -----------------------------------------------------------------------------------
+
+    def _count(self, n: int, out_hw: torch.Size, computed: torch.Tensor | None, gate_macs: int) -> None:
+        positions = n * out_hw[0] * out_hw[1]
+        self.stats_frames += n
+        self.stats_outputs_total += positions
+        self.stats_gate_macs += n * gate_macs
+        self._out_hw = (int(out_hw[0]), int(out_hw[1]))
+        if computed is None:
+            self.stats_dense_frames += n
+            self._computed_outputs = self._computed_outputs.to(self.weight.device) + positions
+        else:
+            self._computed_outputs = self._computed_outputs.to(computed.device) + computed.sum()
+
+    def layer_stats(self) -> dict:
+        """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""
+        computed = int(self._computed_outputs)
+        per_frame_dense = conv_macs(self, self._out_hw) if self.stats_frames else 0
+        return {
+            "kernel": list(self.kernel_size),
+            "stride": list(self.stride),
+            "groups": self.groups,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "macs_dense": per_frame_dense * self.stats_frames,
+            "macs_executed": computed * macs_per_output_position(self) + self.stats_gate_macs,
+            "active_fraction": computed / self.stats_outputs_total if self.stats_outputs_total else 0.0,
+        }
+
+
+def fold_batchnorm(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folds an eval-mode BatchNorm into the preceding conv's weight and bias."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(std)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(std)
+    scale = gamma / std
+    folded_weight = weight * scale.reshape(-1, 1, 1, 1)
+    base = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    folded_bias = (base - bn.running_mean) * scale + beta
+    return folded_weight, folded_bias
