@@ -175,6 +175,7 @@ class SkipConv2d(nn.Conv2d):
         self._frames_since_dense = 0
         self.last_computed: torch.Tensor | None = None  # [N, 1, H_out, W_out] bool, for overlays
         self.last_gate: torch.Tensor | None = None  # the gate of the last skip frame (float in training)
+        self._owner_cache: dict = {}
 
     def reset_stats(self) -> None:
         self.stats_frames = 0
@@ -253,14 +254,20 @@ class SkipConv2d(nn.Conv2d):
 
     def _owned_inputs(self, gate: torch.Tensor, in_hw: torch.Size) -> torch.Tensor:
         """The input pixels whose new value is taken: those owned by a gated output."""
-        out_h, out_w = gate.shape[-2:]
-        index = [
-            torch.tensor(owner_index(size, out, k, s, p, d), device=gate.device)
-            for size, out, k, s, p, d in zip(
-                in_hw, (out_h, out_w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True
+        rows, cols = self._owner_tensors(tuple(in_hw), tuple(gate.shape[-2:]), gate.device)
+        return gate.index_select(-2, rows).index_select(-1, cols)
+
+    def _owner_tensors(
+        self, in_hw: tuple[int, ...], out_hw: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (in_hw, out_hw, device)
+        if self._owner_cache.get("key") != key:
+            geometry = zip(
+                in_hw, out_hw, self.kernel_size, self.stride, self.padding, self.dilation, strict=True
             )
-        ]
-        return gate.index_select(-2, index[0]).index_select(-1, index[1])
+            index = tuple(torch.tensor(owner_index(*axis), device=device) for axis in geometry)
+            self._owner_cache = {"key": key, "index": index}
+        return self._owner_cache["index"]
 
     # -- accounting -----------------------------------------------------------------------------------
 
