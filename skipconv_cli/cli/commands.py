@@ -6,4 +6,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    from skipconv_cli.cli.models_cmd import models
+    from skipconv_cli.cli.run import run
+
+    app.command(no_args_is_help=True)(run)
+    app.command()(models)

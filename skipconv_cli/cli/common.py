@@ -1,0 +1,47 @@
+"""Setting a model up from the shared options: one place for what run, profile and calibrate share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from skipconv_cli.errors import SkipconvError
+from skipconv_cli.models.factory import LoadedModel, create_model, resolve_spec
+from skipconv_cli.pipeline.calibration import load_calibration
+from skipconv_cli.pipeline.runner import SkipSettings
+
+
+def load_model(model: str | None, task: str | None, weights: Path | None) -> LoadedModel:
+    return create_model(resolve_spec(model, task), weights)
+
+
+def torch_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SkipconvError(f"--device must be cpu or cuda; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SkipconvError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def settings_from_options(
+    loaded: LoadedModel,
+    gate: str,
+    threshold: float,
+    block: int,
+    reset_every: int | None,
+    calibration: Path | None,
+    dense: bool = False,
+    backend: str = "reference",
+) -> SkipSettings:
+    """The conversion settings; a calibration file brings its own gate, block and per-layer thresholds."""
+    thresholds: float | dict[str, float] = threshold
+    if calibration is not None:
+        found = load_calibration(calibration)
+        layer_names = [name for name, m in loaded.module.named_modules() if type(m) is torch.nn.Conv2d]
+        found.check_matches(loaded.name, loaded.weights_sha256, layer_names)
+        gate, block = found.gate, found.block
+        thresholds = {name: found.thresholds.get(name, found.threshold) for name in layer_names}
+    return SkipSettings(
+        gate=gate, threshold=thresholds, block=block, reset_every=reset_every, dense=dense, backend=backend
+    )

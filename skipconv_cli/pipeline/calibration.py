@@ -1,0 +1,70 @@
+"""Calibration files: per-layer thresholds found for one model, applied by ``run --calibration``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from skipconv_cli.errors import SkipconvError
+
+FORMAT = "skipconv-calibration/1"
+
+
+@dataclass
+class Calibration:
+    """What ``skipconv calibrate`` found, and for which model it holds."""
+
+    model: str
+    weights_sha256: str | None
+    gate: str
+    block: int
+    threshold: float  # the best global threshold
+    thresholds: dict[str, float]  # per layer, after the greedy per-layer search
+    measured: dict = field(default_factory=dict)  # reduction, fidelity, ... on the calibration frames
+    frames: dict = field(default_factory=dict)  # input, first frame, count, resolution
+    format: str = FORMAT
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    def check_matches(self, model: str, weights_sha256: str | None, layer_names: list[str]) -> None:
+        """Refuses a calibration made for another model, other weights or other layers."""
+        if self.model != model:
+            raise SkipconvError(f"calibration is for model {self.model!r}, not {model!r}")
+        if self.weights_sha256 != weights_sha256:
+            raise SkipconvError(
+                f"calibration was made with weights sha256 {str(self.weights_sha256)[:12]}…, "
+                f"these are {str(weights_sha256)[:12]}…: calibrate again for these weights"
+            )
+        unknown = sorted(set(self.thresholds) - set(layer_names))
+        if unknown:
+            raise SkipconvError(
+                f"calibration names layers this model does not have: {', '.join(unknown[:3])}"
+            )
+
+
+def load_calibration(path: Path) -> Calibration:
+    path = Path(path)
+    if not path.is_file():
+        raise SkipconvError(f"calibration file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipconvError(f"calibration file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SkipconvError(f"{path} is not a skipconv calibration file (format {FORMAT!r} expected)")
+    try:
+        calibration = Calibration(**data)
+    except TypeError as e:
+        raise SkipconvError(f"calibration file {path} has unexpected fields: {e}") from e
+    values = [calibration.threshold, *calibration.thresholds.values()]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise SkipconvError(f"calibration file {path} has a threshold that is not a number >= 0")
+    if not isinstance(calibration.block, int) or calibration.block not in (1, 2, 4, 8):
+        raise SkipconvError(f"calibration file {path} has an invalid block size {calibration.block!r}")
+    return calibration
