@@ -15,7 +15,14 @@ from rich.table import Table
 from skipconv_cli.cli import options as opt
 from skipconv_cli.cli.common import load_model, settings_from_options, torch_device
 from skipconv_cli.errors import SkipconvError
-from skipconv_cli.pipeline.runner import Predictor, RunOutputs, parse_size, run_video, skip_model
+from skipconv_cli.pipeline.runner import (
+    DenseComparison,
+    Predictor,
+    RunOutputs,
+    parse_size,
+    run_video,
+    skip_model,
+)
 from skipconv_cli.pipeline.video import open_source
 
 EXAMPLES = """
@@ -52,6 +59,13 @@ def run(
         bool, typer.Option("--show-mask", help="Overlay a heatmap of where the network computed.")
     ] = False,
     dense: Annotated[bool, typer.Option("--dense", help="No skipping: compute every frame fully.")] = False,
+    compare_dense: Annotated[
+        bool,
+        typer.Option(
+            "--compare-dense",
+            help="Also run the dense model on every frame and report fidelity against it (AP or PCK).",
+        ),
+    ] = False,
     score_threshold: Annotated[
         float | None, typer.Option("--score-threshold", help="Minimum detection/person score.")
     ] = None,
@@ -102,7 +116,8 @@ def run(
                 bar, completed=index + 1, fps=1000.0 / ms if ms else 0.0, reduction=_reduction(predictor)
             )
 
-        result = run_video(source, predictor, outputs, settings, on_frame=on_frame)
+        compare = DenseComparison.alongside(predictor) if compare_dense else None
+        result = run_video(source, predictor, outputs, settings, on_frame=on_frame, compare=compare)
 
     if json_out:
         json.dump(result.report, sys.stdout, indent=2)
@@ -148,6 +163,12 @@ def print_report(console: Console, data: dict) -> None:
         f"[bold]{data['frames']} frames[/]  MACs {macs['dense'] / 1e9:.2f} → {macs['executed'] / 1e9:.2f} G "
         f"([bold green]{macs['reduction']:.2f}x fewer[/])  {ms:.1f} ms/frame"
     )
+    if "fidelity" in data:
+        fid = data["fidelity"]
+        dense_ms = data["dense_time_ms_per_frame"]["total"]
+        console.print(
+            f"fidelity vs dense: {fid['metric']} [bold]{fid['value']:.2f}[/]  (dense {dense_ms:.1f} ms/frame)"
+        )
 
 
 run.__doc__ = (run.__doc__ or "") + "\n\n" + EXAMPLES

@@ -24,6 +24,7 @@ from skipconv_cli.errors import SkipconvError
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.models.registry import Letterbox
 from skipconv_cli.pipeline.annotate import draw_boxes, draw_hud, draw_persons, overlay_mask
+from skipconv_cli.pipeline.fidelity import fidelity
 from skipconv_cli.pipeline.video import FrameSource, JsonLinesWriter, VideoWriter
 
 
@@ -123,6 +124,46 @@ class Predictor:
         return predictions, box
 
 
+@dataclass
+class DenseComparison:
+    """The unconverted model run alongside on the same frames: its predictions are the reference that
+    fidelity is measured against (no video comes with labels). Reusable by any command that runs a
+    Skip-Conv predictor (``run --compare-dense``, ``profile``).
+    """
+
+    predictor: Predictor
+    reference: list[dict] = field(default_factory=list)
+    predicted: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def alongside(cls, skip: Predictor) -> DenseComparison:
+        """A dense predictor with ``skip``'s model, input size, score threshold and device."""
+        dense = Predictor(
+            loaded=skip.loaded,
+            model=skip.loaded.module,  # convert() copied the model: the original is still plain nn.Conv2d
+            input_size=skip.input_size,
+            score_threshold=skip.score_threshold,
+            device=skip.device,
+        )
+        return cls(predictor=dense)
+
+    def add(self, frame: np.ndarray, predicted: dict) -> dict:
+        """Runs the dense model on ``frame``, keeps both predictions, returns the dense one."""
+        reference, _ = self.predictor(frame)
+        self.reference.append(reference)
+        self.predicted.append(predicted)
+        return reference
+
+    def summary(self) -> dict:
+        """``{"fidelity": {"metric", "value"}, "dense_time_ms_per_frame": ...}`` over the frames so far."""
+        if not self.reference:
+            return {}
+        return {
+            "fidelity": fidelity(self.predictor.loaded.spec.task, self.reference, self.predicted),
+            "dense_time_ms_per_frame": self.predictor.times.ms_per_frame(),
+        }
+
+
 def first_sample(raw):
     """The outputs of sample 0, in the same structure (tensor, tuple or dict of tensors)."""
     if isinstance(raw, torch.Tensor):
@@ -191,8 +232,11 @@ def run_video(
     outputs: RunOutputs,
     settings: SkipSettings,
     on_frame: Callable[[int, dict], None] | None = None,
+    compare: DenseComparison | None = None,
 ) -> RunResult:
     """Processes every frame of ``source`` and writes the requested outputs as it goes.
+
+    With ``compare``, the dense model also runs on every frame and the report gains ``"fidelity"``.
 
     On KeyboardInterrupt the video and JSON Lines written so far are closed cleanly and a report of the
     processed frames is written (marked ``"interrupted": true``) before the interrupt propagates.
@@ -206,6 +250,8 @@ def run_video(
             lines = stack.enter_context(JsonLinesWriter(outputs.predictions)) if outputs.predictions else None
             for index, frame, predictions, box in iterate_predictions(source, predictor):
                 frames = index + 1
+                if compare is not None:
+                    compare.add(frame, predictions)
                 if lines is not None:
                     lines.write({"frame": index, **predictions})
                 if video is not None:
@@ -223,7 +269,7 @@ def run_video(
         raise
     finally:
         result = RunResult(
-            report=run_report(predictor, settings, source, interrupted),
+            report=run_report(predictor, settings, source, interrupted, compare),
             frames=frames,
             truncated=source.truncated,
             interrupted=interrupted,
@@ -244,8 +290,14 @@ def _threshold_label(settings: SkipSettings) -> str:
     return "per-layer" if isinstance(settings.threshold, Mapping) else f"{settings.threshold:g}"
 
 
-def run_report(predictor: Predictor, settings: SkipSettings, source: FrameSource, interrupted: bool) -> dict:
-    """``report()`` of the converted model plus what produced it."""
+def run_report(
+    predictor: Predictor,
+    settings: SkipSettings,
+    source: FrameSource,
+    interrupted: bool,
+    compare: DenseComparison | None = None,
+) -> dict:
+    """``report()`` of the converted model plus what produced it (and its fidelity, with ``compare``)."""
     stats = report(predictor.model)
     return {
         **stats,
@@ -261,6 +313,7 @@ def run_report(predictor: Predictor, settings: SkipSettings, source: FrameSource
         "time_ms_per_frame": predictor.times.ms_per_frame(),
         "interrupted": interrupted,
         "truncated": source.truncated,
+        **(compare.summary() if compare is not None else {}),
     }
 
 
