@@ -36,7 +36,9 @@ def videos_dir(shared_dir: Path) -> Path:
     return _require(shared_dir / "videos")
 
 
-def read_frames(path: Path, count: int, start: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+def read_frames(
+    path: Path, count: int, start: int = 0, size: tuple[int, int] | None = None
+) -> list[np.ndarray]:
     """BGR uint8 frames [start, start + count) of a video, optionally resized to (width, height)."""
     cap = cv2.VideoCapture(str(path))
     if start:

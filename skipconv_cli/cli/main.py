@@ -48,27 +48,24 @@ def main() -> None:
     except SkipconvError as e:
         if os.environ.get("SKIPCONV_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(e), 1)
     except KeyboardInterrupt:
-        print("interrupted: outputs written so far are kept", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted: outputs written so far are kept", 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:  # click usage errors and anything unexpected: one line unless debugging
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        _fail("aborted", 1)
+    except typer.TyperException as e:  # usage errors (bad option values): one line like every other error
+        _fail(e.format_message(), getattr(e, "exit_code", 2))
+    except Exception as e:  # anything unexpected: one line unless debugging
         if os.environ.get("SKIPCONV_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e} (set SKIPCONV_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"{type(e).__name__}: {e} (set SKIPCONV_DEBUG=1 for the traceback)", 1)
 
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 if __name__ == "__main__":
     main()

@@ -81,6 +81,7 @@ def run(
 
     if threads:
         torch.set_num_threads(threads)
+    source = open_source(input, max_frames=max_frames)  # a bad input fails before the model loads
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
         loaded, gate.value, threshold, block, reset_every, calibration, dense=dense, backend=backend.value
@@ -95,7 +96,6 @@ def run(
         score_threshold=loaded.spec.default_score_threshold if score_threshold is None else score_threshold,
         device=torch_dev,
     )
-    source = open_source(input, max_frames=max_frames)
     outputs = RunOutputs(video=output, predictions=predictions, report=report, show_mask=show_mask)
     err = Console(stderr=True)
     with Progress(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,8 @@ def create_model(spec: ModelSpec, weights: Path | None = None) -> LoadedModel:
 
 def _import_builder(target: str):
     module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path:  # like `python -m`: the user's own modules live where they run
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:

@@ -1,0 +1,214 @@
+"""`skipconv run` end to end through the real command line: outputs, reports and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+
+def skipconv(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "skipconv_cli.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def env(weights_dir: Path, videos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cache = tmp_path_factory.mktemp("cache")
+    return os.environ | {
+        "SKIPCONV_WEIGHTS": str(weights_dir),
+        "SKIPCONV_SAMPLES": str(videos_dir),
+        "SKIPCONV_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def video_frames(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    return count
+
+
+def test_pose_run_skips_more_than_half_the_macs(env: dict, tmp_path: Path) -> None:
+    report, lines, video = tmp_path / "r.json", tmp_path / "p.jsonl", tmp_path / "o.mp4"
+    result = skipconv(
+        "run", "sample:person", "--task", "pose", "--gate", "output-norm", "--threshold", "0.3",
+        "--max-frames", "100", "--report", str(report), "--predictions", str(lines), "--output", str(video),
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["frames"] == 100
+    assert data["model"] == "openpose-mbv2-14" and data["task"] == "pose"
+    assert data["gate"] == "output-norm" and data["threshold"] == 0.3 and data["block"] == 1
+    assert data["resolution"] == [368, 432]
+    assert data["macs"]["reduction"] > 2.0, data["macs"]
+    assert len(data["layers"]) == 159
+    frames = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [f["frame"] for f in frames] == list(range(100))
+    assert all(len(p["keypoints"]) == 18 for f in frames for p in f["persons"])
+    assert sum(len(f["persons"]) for f in frames) > 0, "the walking person is found"
+    assert video_frames(video) == 100
+    assert "per-layer sparsity" in result.stdout
+
+
+def test_dense_run_reports_exactly_one(env: dict, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = skipconv(
+        "run", "sample:cars", "--model", "light-person", "--dense", "--max-frames", "5",
+        "--report", str(report), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["macs"]["reduction"] == 1.0
+    assert data["dense"] is True and data["frames"] == 5
+
+
+def test_detect_run_writes_boxes_and_mask_overlay(env: dict, tmp_path: Path) -> None:
+    lines, video = tmp_path / "p.jsonl", tmp_path / "o.mp4"
+    result = skipconv(
+        "run", "sample:person", "--model", "light-person", "--block", "4", "--show-mask", "--max-frames", "8",
+        "--predictions", str(lines), "--output", str(video), "--json", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["block"] == 4 and data["frames"] == 8
+    frames = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(frames) == 8
+    for frame in frames:
+        for box in frame["boxes"]:
+            x1, y1, x2, y2, score, cls = box
+            assert 0 <= x1 < x2 <= 768 and 0 <= y1 < y2 <= 432 and 0 < score <= 1 and cls == 0
+    assert video_frames(video) == 8
+
+
+def test_own_model_through_module_function(env: dict, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = skipconv(
+        "run", "sample:person", "--model", "tests.user_models:person_detector", "--task", "detect",
+        "--size", "192", "--max-frames", "4", "--report", str(report), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["model"] == "tests.user_models:person_detector" and data["frames"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["missing.mp4"], "does not exist"),
+        (["pyproject.toml"], "is not a readable video"),
+        (["sample:person", "--model", "resnet-9000"], "unknown model 'resnet-9000'"),
+        (["sample:person", "--model", "yolox-nano", "--task", "pose"], "is a detect model, not pose"),
+        (["sample:person", "--threshold", "-0.5"], "--threshold"),
+        (["sample:person", "--block", "3"], "--block"),
+        (["sample:person", "--task", "segment"], "--task"),
+        (["sample:person", "--size", "100x100"], "multiples of 32"),
+        (["sample:nothing"], "unknown sample"),
+        (["sample:person", "--model", "tests.user_models:missing", "--task", "detect"], "cannot import"),
+    ],
+)
+def test_bad_input_gives_one_line(env: dict, args: list[str], expected: str) -> None:
+    line = one_error_line(skipconv("run", *args, env=env))
+    assert expected in line
+
+
+def test_empty_video_file(env: dict, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert "empty" in one_error_line(skipconv("run", str(empty), env=env))
+
+
+def test_weights_with_wrong_checksum(env: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "weights"
+    bad.mkdir()
+    (bad / "light_person_detector.onnx").write_bytes(b"not the published file")
+    line = one_error_line(
+        skipconv("run", "sample:person", "--model", "light-person", env=env | {"SKIPCONV_WEIGHTS": str(bad)})
+    )
+    assert "sha256" in line
+
+
+def test_truncated_video_keeps_the_frames_before_the_damage(
+    env: dict, tmp_path: Path, videos_dir: Path
+) -> None:
+    # a fragmented mp4 (as the tool writes) cut in the middle: the frames before the cut stay readable
+    from skipconv_cli.pipeline.video import VideoWriter, open_source
+
+    whole = tmp_path / "whole.mp4"
+    with VideoWriter(whole, fps=10) as writer:
+        for frame in open_source(str(videos_dir / "one-by-one-person-detection.mp4"), max_frames=40):
+            writer.write(frame)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    lines = tmp_path / "p.jsonl"
+    result = skipconv("run", str(cut), "--model", "light-person", "--predictions", str(lines), env=env)
+    line = one_error_line(result)
+    assert "truncated" in line
+    written = lines.read_text().splitlines()
+    assert 0 < len(written) < 40
+    assert [json.loads(x)["frame"] for x in written] == list(range(len(written)))
+
+
+def test_ctrl_c_keeps_valid_outputs(env: dict, tmp_path: Path) -> None:
+    lines, video, report = tmp_path / "p.jsonl", tmp_path / "o.mp4", tmp_path / "r.json"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "skipconv_cli.cli.main", "run", "sample:person", "--model", "light-person",
+            "--predictions", str(lines), "--output", str(video), "--report", str(report),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 10):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "error: interrupted: outputs written so far are kept"
+    ]
+    frames = [json.loads(x) for x in lines.read_text().splitlines()]  # every line is valid JSON
+    assert len(frames) >= 10
+    assert abs(video_frames(video) - len(frames)) <= 1
+    data = json.loads(report.read_text())
+    assert data["interrupted"] is True and data["frames"] >= 10
+
+
+def test_help_has_examples() -> None:
+    result = skipconv("run", "--help")
+    assert result.returncode == 0
+    assert "Examples" in result.stdout and "sample:person" in result.stdout
+
+
+def test_models_lists_builtins() -> None:
+    result = skipconv("models", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert {"yolox-nano", "nanodet-m", "light-person", "openpose-mbv2-14", "hrnet-w32"} <= set(rows)
+    assert rows["openpose-mbv2-14"]["task"] == "pose" and rows["openpose-mbv2-14"]["input_size"] == [368, 432]
+    assert 4.0 < rows["openpose-mbv2-14"]["gmac"] < 4.4
+    assert 0.45 < rows["yolox-nano"]["gmac"] < 0.6
