@@ -45,12 +45,16 @@ def support_sum(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def blockify(mask: torch.Tensor, block: int) -> torch.Tensor:
-    """Makes a gate constant over ``block x block`` tiles of the output: max-pool, then nearest upsample."""
+    """Makes a gate constant over ``block x block`` tiles of the output: max-pool, then nearest upsample.
+
+    A float (straight-through, training) gate stays float so its gradient reaches the tile's max."""
     if block == 1:
         return mask
     h, w = mask.shape[-2:]
-    pooled = F.max_pool2d(mask.to(torch.float32), block, block, ceil_mode=True)
-    return pooled.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w] > 0
+    soft = mask.dtype.is_floating_point
+    pooled = F.max_pool2d(mask if soft else mask.to(torch.float32), block, block, ceil_mode=True)
+    tiled = pooled.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w]
+    return tiled if soft else tiled > 0
 
 
 def channel_abs_sum(t: torch.Tensor) -> torch.Tensor:
