@@ -196,3 +196,16 @@ def test_hrnet_w32_shape_and_size() -> None:
     # Deterministic random weights: two builds are identical.
     again = hrnet_w32()
     assert torch.equal(again.final_layer.weight, model.final_layer.weight)
+
+
+def test_grouping_merges_two_partial_persons_after_another_person() -> None:
+    """A limb joining two disjoint partial persons merges them, whatever else the list holds (regression:
+    removing the merged person by equality compared numpy arrays and raised)."""
+    from skipconv_cli.models.pose import group_persons
+
+    peaks = [np.array([[10.0, 10, 0.9], [90, 90, 0.9]]), np.array([[10.0, 20, 0.9], [90, 100, 0.9]])]
+    peaks += [np.array([[10.0, 30 + 10 * i, 0.9]]) for i in range(4)]
+    limbs = ((0, 1), (2, 3), (1, 2), (3, 4), (4, 5))
+    connections = [[(1, 1, 0.8), (0, 0, 0.8)], [(0, 0, 0.8)], [(0, 0, 0.8)], [], []]
+    persons = group_persons(peaks, connections, limbs, min_parts=1)
+    assert sorted(int((kps[:, 2] > 0).sum()) for kps, _ in persons) == [2, 4]

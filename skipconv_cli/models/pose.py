@@ -259,7 +259,8 @@ def group_persons(
                     p1.parts = np.where(p1.parts >= 0, p1.parts, p2.parts)
                     p1.score += p2.score + limb_score
                     p1.count += p2.count
-                    persons.remove(p2)
+                    # By identity: _Person compares numpy arrays, so list.remove's == would raise.
+                    persons = [p for p in persons if p is not p2]
                 # Otherwise the limb links two people who both have this keypoint type: a conflict that
                 # OpenPose resolves by sharing a peak between persons; dropping the limb keeps them apart.
                 continue
