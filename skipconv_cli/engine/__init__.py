@@ -1,6 +1,23 @@
 """The engine: Skip-Convolutions for any PyTorch model. Knows nothing of video, models or the CLI."""
 
-from skipconv_cli.engine.convert import convert, report, reset, reset_stats, set_thresholds, skip_layers
+from skipconv_cli.engine.convert import (
+    convert,
+    report,
+    reset,
+    reset_stats,
+    set_backend,
+    set_thresholds,
+    skip_layers,
+)
 from skipconv_cli.engine.skip_conv import SkipConv2d
 
-__all__ = ["SkipConv2d", "convert", "report", "reset", "reset_stats", "set_thresholds", "skip_layers"]
+__all__ = [
+    "SkipConv2d",
+    "convert",
+    "report",
+    "reset",
+    "reset_stats",
+    "set_backend",
+    "set_thresholds",
+    "skip_layers",
+]

@@ -23,6 +23,7 @@ def convert(
     reset_every: int | None = None,
     *,
     reference: str = "pending",
+    backend: str = "reference",
 ) -> nn.Module:
     """Returns a copy of ``model`` in which every ``nn.Conv2d`` is a :class:`SkipConv2d`.
 
@@ -37,6 +38,9 @@ def convert(
         block: 1, 2, 4 or 8: structured gates over ``block x block`` output tiles.
         reset_every: recompute densely every this many frames (None: never after the first).
         reference: ``"pending"`` (exact, no drift) or ``"previous"`` (the paper's lossy reference).
+        backend: ``"reference"`` (dense residual update, supports training) or ``"sparse"`` (recomputes
+            only the tiles that can change, with a measured per-layer dense fallback; inference under
+            ``torch.no_grad()``/``torch.inference_mode()``; see ``SkipConv2d``).
 
     Examples:
         >>> fast = convert(my_model.eval(), gate="output-norm", threshold=0.5, block=4)
@@ -56,7 +60,7 @@ def convert(
         bn = model.get_submodule(bn_name) if bn_name else None
         layer = SkipConv2d.from_conv(
             conv, bn, gate=gate, threshold=per_layer[name], block=block, reset_every=reset_every,
-            reference=reference,
+            reference=reference, backend=backend,
         )  # fmt: skip
         layer.train(conv.training)
         _set_submodule(model, name, layer)
@@ -96,6 +100,13 @@ def set_thresholds(model: nn.Module, threshold: Thresholds) -> None:
     for name, layer in layers:
         check_gate_args(layer.gate_type, per_layer[name], layer.block)
         layer.threshold = float(per_layer[name])
+
+
+def set_backend(model: nn.Module, name: str) -> None:
+    """Switches every Skip-Conv layer to the ``"reference"`` or ``"sparse"`` backend; the stream state
+    is dropped, so the next frame is dense."""
+    for _, layer in _require_skip_layers(model):
+        layer.backend = name
 
 
 def report(model: nn.Module) -> dict:

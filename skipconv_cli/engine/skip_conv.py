@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from skipconv_cli.engine.backends import BACKENDS, sparse
 from skipconv_cli.engine.gates import (
     blockify,
     channel_abs_sum,
@@ -76,6 +77,11 @@ class SkipConv2d(nn.Conv2d):
             ``reset()``, or when the input shape, dtype or device changes).
         reference: ``"pending"`` (default: skipped change stays pending, no drift) or ``"previous"``
             (the paper's lossy reference, the true previous input).
+        backend: ``"reference"`` (default: ``z += W * delta`` computed densely; readable, supports
+            training) or ``"sparse"`` (``backends/sparse.py``: only the tiles that can change are
+            recomputed, with a measured per-layer dense fallback; its outputs are channels_last). The
+            sparse backend needs inference (no gradient required, ``reference="pending"``); otherwise the
+            layer runs the reference path. Changing it drops the stream state.
 
     Shape:
         - Input: (N, C_in, H, W); each of the N samples is an independent stream with its own state.
@@ -108,6 +114,7 @@ class SkipConv2d(nn.Conv2d):
         block: int = 1,
         reset_every: int | None = None,
         reference: str = "pending",
+        backend: str = "reference",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -116,6 +123,8 @@ class SkipConv2d(nn.Conv2d):
         check_gate_args(gate, threshold, block)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}; got {reference!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if reset_every is not None and (not isinstance(reset_every, int) or reset_every < 1):
             raise ValueError(f"reset_every must be a positive integer or None; got {reset_every!r}")
         if isinstance(self.padding, str):
@@ -125,6 +134,9 @@ class SkipConv2d(nn.Conv2d):
         self.block = block
         self.reset_every = reset_every
         self.reference = reference
+        self._backend = backend
+        # sparse backend: fraction of active tiles above which the dense recompute runs (None: measured)
+        self.crossover: float | None = None
         self.gate = make_gumbel_gate(self).to(device=device, dtype=dtype) if gate == "gumbel" else None
         self.reset()
         self.reset_stats()
@@ -162,7 +174,21 @@ class SkipConv2d(nn.Conv2d):
             s += f", reset_every={self.reset_every}"
         if self.reference != "pending":
             s += f", reference={self.reference}"
+        if self.backend != "reference":
+            s += f", backend={self.backend}"
         return s
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+        if name != self._backend:
+            self._backend = name
+            self.reset()  # the backends keep their state in different layouts
 
     # -- stream state ---------------------------------------------------------------------------------
 
@@ -176,6 +202,8 @@ class SkipConv2d(nn.Conv2d):
         self.last_computed: torch.Tensor | None = None  # [N, 1, H_out, W_out] bool, for overlays
         self.last_gate: torch.Tensor | None = None  # the gate of the last skip frame (float in training)
         self._owner_cache: dict = {}
+        self._sparse_state: sparse.SparseState | None = None
+        self._state_path: str | None = None  # which path ("reference"/"sparse") owns the state
 
     def reset_stats(self) -> None:
         self.stats_frames = 0
@@ -183,16 +211,40 @@ class SkipConv2d(nn.Conv2d):
         self.stats_outputs_total = 0
         self._computed_outputs = torch.zeros((), dtype=torch.long)
         self.stats_gate_macs = 0
+        self._backend_counters = sparse.new_counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = "sparse" if self._sparse_allowed(x) else "reference"
+        if path != self._state_path:  # e.g. gradients switched on mid-stream: start afresh
+            self.reset()
+            self._state_path = path
+        if path == "sparse":
+            with torch.no_grad():
+                if self._needs_dense(x):
+                    return sparse.dense_frame(self, x)
+                return sparse.skip_frame(self, x)
         if self._needs_dense(x):
             return self._dense_frame(x)
         return self._skip_frame(x)
 
+    def _sparse_allowed(self, x: torch.Tensor) -> bool:
+        """The sparse backend writes its state in place and drops gradients: inference only."""
+        if self.backend != "sparse" or self.reference != "pending":
+            return False
+        if self.gate_type == "gumbel" and self.training:
+            return False
+        grads = x.requires_grad or any(p.requires_grad for p in self.parameters())
+        return not (torch.is_grad_enabled() and grads)
+
     def _needs_dense(self, x: torch.Tensor) -> bool:
-        ref = self._x_ref
-        if ref is None or ref.shape != x.shape or ref.dtype != x.dtype or ref.device != x.device:
-            return True
+        if self._state_path == "sparse":
+            state = self._sparse_state
+            if state is None or not state.matches(x):
+                return True
+        else:
+            ref = self._x_ref
+            if ref is None or ref.shape != x.shape or ref.dtype != x.dtype or ref.device != x.device:
+                return True
         return self.reset_every is not None and self._frames_since_dense >= self.reset_every
 
     def _dense_frame(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,6 +252,12 @@ class SkipConv2d(nn.Conv2d):
         with torch.no_grad():
             self._x_ref = x.detach().clone()
             self._z = z.detach().clone()
+            self._dense_bookkeeping(x, z)
+        return z
+
+    def _dense_bookkeeping(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """Scales, counters and overlays of a dense frame (shared by the backends)."""
+        with torch.no_grad():
             n = x.shape[0]
             out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True) * self.out_channels
             self._out_scale = out_scale.clamp_min(_EPS)
@@ -208,7 +266,6 @@ class SkipConv2d(nn.Conv2d):
             self._frames_since_dense = 1
             self.last_computed = torch.ones((n, 1, *z.shape[-2:]), dtype=torch.bool, device=z.device)
             self._count(n, z.shape[-2:], computed=None, gate_macs=0)
-        return z
 
     def _skip_frame(self, x: torch.Tensor) -> torch.Tensor:
         x_ref, z_prev = self._x_ref, self._z
@@ -223,19 +280,30 @@ class SkipConv2d(nn.Conv2d):
             new_ref = (x_ref + delta).detach()
         z = z_prev + self._conv_forward(delta, self.weight, None)
         with torch.no_grad():
-            computed = support_sum(owned.detach().to(x.dtype), self) > 0
             self._x_ref = x.detach().clone() if self.reference == "previous" else new_ref
             self._z = z.detach().clone()
-            self._frames_since_dense += 1
-            self.last_computed = computed
-            in_hw, out_hw = x.shape[-2:], z.shape[-2:]
-            gate_cost = gumbel_gate_macs if self.gate_type == "gumbel" else norm_gate_macs
-            self._count(x.shape[0], out_hw, computed=computed, gate_macs=gate_cost(self, in_hw, out_hw))
+            self._skip_bookkeeping(x, owned, z.shape[-2:])
         return z
 
-    def _gate(self, residual: torch.Tensor) -> torch.Tensor:
-        """The output-resolution gate: bool, or a straight-through float while training a Gumbel gate."""
-        support = support_sum(channel_abs_sum(residual.detach()), self)
+    def _skip_bookkeeping(self, x: torch.Tensor, owned: torch.Tensor, out_hw: tuple[int, ...]) -> None:
+        """Counts the outputs really needed (the footprint of the updated inputs) and the gate's cost; the
+        same for every backend, whatever extra (halo) work a backend does."""
+        with torch.no_grad():
+            computed = support_sum(owned.detach().to(x.dtype), self) > 0
+            self._frames_since_dense += 1
+            self.last_computed = computed
+            in_hw = x.shape[-2:]
+            gate_cost = gumbel_gate_macs if self.gate_type == "gumbel" else norm_gate_macs
+            self._count(x.shape[0], out_hw, computed=computed, gate_macs=gate_cost(self, in_hw, out_hw))
+
+    def _gate(self, residual: torch.Tensor, abs_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """The output-resolution gate: bool, or a straight-through float while training a Gumbel gate.
+
+        ``abs_sum``: ``channel_abs_sum(residual)`` when the caller has it already.
+        """
+        if abs_sum is None:
+            abs_sum = channel_abs_sum(residual.detach())
+        support = support_sum(abs_sum, self)
         changed = support > 0
         if self.gate_type == "gumbel":
             logits = self.gate(residual)
@@ -297,6 +365,17 @@ class SkipConv2d(nn.Conv2d):
             "macs_executed": computed * macs_per_output_position(self) + self.stats_gate_macs,
             "active_fraction": computed / self.stats_outputs_total if self.stats_outputs_total else 0.0,
         }
+
+    def backend_stats(self) -> dict:
+        """What the sparse backend ran since ``reset_stats()``.
+
+        Frames per path (``sparse_frames``, ``dense_frames``, ``idle_frames`` with nothing to recompute),
+        ``tiles`` recomputed, ``macs_run`` (halo and overlap included, unlike ``layer_stats``) and the
+        ``crossover`` in use (None before the first sparse skip frame).
+        """
+        state = self._sparse_state
+        crossover = state.crossover if state is not None and state.tuned else None
+        return {**self._backend_counters, "crossover": crossover}
 
 
 def fold_batchnorm(

@@ -1,0 +1,416 @@
+"""Block-sparse execution of a Skip-Conv frame: gather active tiles, one batched conv, write back.
+
+Why recompute instead of accumulating: the layer's invariant is ``z = W * x_ref + b`` at every output. So
+after ``x_ref`` takes its new values, *any* output tile can simply be recomputed from the updated reference
+input; outputs of the tile that did not change get the value they already had. That makes the sparse path
+exact (no ``z += ...`` float accumulation, no bias bookkeeping) and lets a tile be larger than the set of
+outputs that really changed (halo, border tiles) at no cost in accuracy.
+
+State per layer (all on the input's device, channels_last so that a gathered pixel is ``C`` contiguous
+floats and oneDNN/cuDNN get their preferred layout):
+- ``x_pad``: the reference input, padded once as the conv pads it (zero borders stay zero; other padding
+  modes are refreshed after each update), [N, C, H + 2p, W + 2p].
+- ``z``: the output ``W * x_ref + b``, [N, C_out, H_out, W_out].
+
+Per frame: residual and gate (shared with the reference backend, so both take the same decisions), the
+owned inputs take their new value (``torch.where`` into ``x_pad``), then either
+- sparse: the execution tiles (``tile`` x ``tile`` outputs, at least the gate's block) holding a gated
+  output, each widened to the footprint of the inputs its outputs own, are gathered with their input halo
+  from ``x_pad`` with one ``index_select``, convolved with padding 0 in one ``F.conv2d`` call, and written
+  into ``z`` with one ``index_copy_``; or
+- dense: ``z = conv(x_pad)`` when more tiles are active than the layer's measured crossover.
+The layer returns a copy of ``z`` (channels_last), so a downstream in-place op cannot corrupt the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from skipconv_cli.engine.gates import channel_abs_sum, support_sum
+from skipconv_cli.engine.macs import macs_per_output_position
+
+if TYPE_CHECKING:
+    from skipconv_cli.engine.skip_conv import SkipConv2d
+
+EXEC_TILE = 8  # execution tile (outputs per side) for k > 1 kernels when the gate's block is smaller
+TUNE_FRACTIONS = (0.1, 0.3, 0.6)  # active-tile fractions timed by the auto-tuner
+TUNE_MARGIN = 0.9  # run sparse only where it is predicted at least ~10% faster than dense
+TUNE_REPEATS = 3
+
+
+# -- geometry -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Execution tiles along one axis: tile j recomputes outputs [start_j, start_j + size)."""
+
+    starts: tuple[int, ...]
+    size: int  # outputs per tile
+    patch: int  # padded input positions per tile (with the halo)
+    stride: int
+
+
+def axis_plan(
+    in_size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int, tile: int
+) -> AxisPlan:
+    """Tiles of ``tile`` outputs, each widened to every output its gated outputs can change.
+
+    An output in tile j owns some inputs (``owner_index``); when it fires those inputs change, and so do the
+    outputs that read them (the footprint). The tile is the hull of that footprint, then all tiles get the
+    largest size so that they stack into one batch; a tile that would run past the end is shifted back.
+    Recomputing extra outputs is harmless: they get ``W * x_ref`` again.
+    """
+    from skipconv_cli.engine.skip_conv import owner_index  # avoid a cycle at import time
+
+    owners = owner_index(in_size, out_size, kernel, stride, padding, dilation)
+    reach = dilation * (kernel - 1)
+    count = math.ceil(out_size / tile)
+    lo = [j * tile for j in range(count)]
+    hi = [min((j + 1) * tile, out_size) - 1 for j in range(count)]
+    for q, owner in enumerate(owners):
+        j = owner // tile
+        first = max(0, math.ceil((q + padding - reach) / stride))
+        last = min(out_size - 1, (q + padding) // stride)
+        readers = [o for o in range(first, last + 1) if (q + padding - o * stride) % dilation == 0]
+        if readers:
+            lo[j], hi[j] = min(lo[j], readers[0]), max(hi[j], readers[-1])
+    size = min(out_size, max(h - lo_ + 1 for lo_, h in zip(lo, hi, strict=True)))
+    starts = tuple(min(lo_, out_size - size) for lo_ in lo)
+    return AxisPlan(starts=starts, size=size, patch=(size - 1) * stride + reach + 1, stride=stride)
+
+
+@dataclass
+class Plan:
+    """Index tables for one (layer geometry, input size, device): built once, reused every frame."""
+
+    tile: int
+    rows: AxisPlan
+    cols: AxisPlan
+    padded_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    in_row_offsets: torch.Tensor  # [tiles_y, patch_h]: flat offsets (row * W_pad) of each tile's rows
+    in_cols: torch.Tensor  # [tiles_x, patch_w]
+    out_row_offsets: torch.Tensor  # [tiles_y, size_h]: row * W_out
+    out_cols: torch.Tensor  # [tiles_x, size_w]
+
+    @property
+    def tiles_per_sample(self) -> int:
+        return len(self.rows.starts) * len(self.cols.starts)
+
+    @property
+    def outputs_per_tile(self) -> int:
+        return self.rows.size * self.cols.size
+
+
+def execution_tile(layer: SkipConv2d) -> int:
+    """1x1 kernels have no halo: run them at the gate's own granularity (pixels for block 1)."""
+    if layer.kernel_size == (1, 1):
+        return layer.block
+    return max(layer.block, EXEC_TILE)
+
+
+def build_plan(layer: SkipConv2d, in_hw: tuple[int, int], out_hw: tuple[int, int], device) -> Plan:
+    tile = execution_tile(layer)
+    axes = [
+        axis_plan(n_in, n_out, k, s, p, d, tile)
+        for n_in, n_out, k, s, p, d in zip(
+            in_hw, out_hw, layer.kernel_size, layer.stride, layer.padding, layer.dilation, strict=True
+        )
+    ]
+    rows, cols = axes
+    padded_hw = (in_hw[0] + 2 * layer.padding[0], in_hw[1] + 2 * layer.padding[1])
+
+    def table(axis: AxisPlan, length: int, step: int, scale: int) -> torch.Tensor:
+        starts = torch.tensor(axis.starts, dtype=torch.long, device=device) * step
+        return (starts[:, None] + torch.arange(length, device=device)) * scale
+
+    return Plan(
+        tile=tile,
+        rows=rows,
+        cols=cols,
+        padded_hw=padded_hw,
+        out_hw=tuple(out_hw),
+        in_row_offsets=table(rows, rows.patch, rows.stride, padded_hw[1]),
+        in_cols=table(cols, cols.patch, cols.stride, 1),
+        out_row_offsets=table(rows, rows.size, 1, out_hw[1]),
+        out_cols=table(cols, cols.size, 1, 1),
+    )
+
+
+# -- state and frames ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseState:
+    x_pad: torch.Tensor
+    x_ref: torch.Tensor  # the unpadded interior: a view into x_pad
+    z: torch.Tensor
+    plan: Plan
+    crossover: float = 1.0  # fraction of active tiles above which the dense recompute is faster
+    tuned: bool = False
+
+    def matches(self, x: torch.Tensor) -> bool:
+        ref = self.x_ref
+        same = ref.shape == x.shape and ref.dtype == x.dtype and ref.device == x.device
+        # state made under inference_mode cannot be updated in place outside it: start afresh
+        return same and (not self.z.is_inference() or torch.is_inference_mode_enabled())
+
+
+def _pad(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
+    if layer.padding == (0, 0):
+        return x
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+
+
+def _interior(layer: SkipConv2d, x_pad: torch.Tensor) -> torch.Tensor:
+    ph, pw = layer.padding
+    return x_pad[..., ph : x_pad.shape[-2] - ph, pw : x_pad.shape[-1] - pw]
+
+
+def _conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's conv on an already padded input."""
+    return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+
+
+def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
+    """First frame of a stream (or a reset): everything computed, state laid out for gathering."""
+    x_pad = _pad(layer, x.detach()).contiguous(memory_format=torch.channels_last)
+    if x_pad is x:  # no padding and already channels_last: the caller still owns x
+        x_pad = x_pad.clone()
+    z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
+    plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
+    layer._sparse_state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
+    layer._dense_bookkeeping(x, z)
+    layer._backend_counters["dense_frames"] += x.shape[0]
+    layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
+    return z.clone()
+
+
+def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
+    state = layer._sparse_state
+    counters = layer._backend_counters
+    if not state.tuned:  # after the first dense frame, so that tuning runs on real data
+        state.crossover = layer.crossover if layer.crossover is not None else crossover_for(layer, state)
+        state.tuned = True
+    plan = state.plan
+    x_ref = state.x_ref
+    residual = x - x_ref
+    abs_sum = channel_abs_sum(residual)
+    gate = layer._gate(residual, abs_sum)  # shared with the reference backend: the same decisions
+    owned = layer._owned_inputs(gate, x.shape[-2:])
+    layer._skip_bookkeeping(x, owned, tuple(state.z.shape[-2:]))
+
+    active = F.max_pool2d(gate.to(x.dtype), plan.tile, plan.tile, ceil_mode=True)[:, 0] > 0
+    tiles = active.nonzero()  # [K, 3]: (sample, tile row, tile col); the one host sync per frame
+    count = tiles.shape[0]
+    if count:
+        update_reference(layer, state, x, owned)
+        if layer.padding_mode != "zeros" and layer.padding != (0, 0):  # borders mirror the interior
+            state.x_pad.copy_(_pad(layer, x_ref))
+        # Only outputs whose support saw a changed input take the recomputed value. Elsewhere the
+        # recomputation equals the stored z up to rounding, and writing that rounding noise would make the
+        # next layer's residual non-zero there (the reference backend leaves those outputs bit-identical).
+        changed = support_sum((owned & (abs_sum > 0)).to(x.dtype), layer) > 0
+        if count > state.crossover * plan.tiles_per_sample * x.shape[0]:
+            torch.where(changed, _conv(layer, state.x_pad), state.z, out=state.z)
+            counters["dense_frames"] += x.shape[0]
+            counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
+        else:
+            recompute_tiles(layer, state, tiles, changed)
+            counters["sparse_frames"] += x.shape[0]
+            counters["tiles"] += count
+            counters["macs_run"] += count * plan.outputs_per_tile * macs_per_output_position(layer)
+    else:
+        counters["idle_frames"] += x.shape[0]
+    return state.z.clone()
+
+
+def update_reference(layer: SkipConv2d, state: SparseState, x: torch.Tensor, owned: torch.Tensor) -> None:
+    """x_ref takes the new value at the owned pixels (bit-exact, like ``torch.where`` in the reference).
+
+    A channels_last input is copied pixel row by pixel row (traffic proportional to the owned pixels);
+    any other layout goes through one elementwise ``torch.where`` over the whole map.
+    """
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        torch.where(owned, x, state.x_ref, out=state.x_ref)
+        return
+    n, channels, h, w = x.shape
+    hp, wp = state.plan.padded_hw
+    ph, pw = layer.padding
+    pixels = owned.reshape(-1).nonzero().squeeze(1)
+    sample, rest = pixels // (h * w), pixels % (h * w)
+    target = sample * (hp * wp) + (rest // w + ph) * wp + rest % w + pw
+    x_rows = x.permute(0, 2, 3, 1).reshape(n * h * w, channels)  # a view for channels_last
+    pad_rows = state.x_pad.permute(0, 2, 3, 1).view(n * hp * wp, channels)
+    pad_rows.index_copy_(0, target, x_rows.index_select(0, pixels))
+
+
+def recompute_tiles(
+    layer: SkipConv2d, state: SparseState, tiles: torch.Tensor, changed: torch.Tensor | None = None
+) -> None:
+    """z = W * x_ref on the given tiles (only where ``changed``, if given): one gather, one batched
+    conv, one scatter."""
+    plan = state.plan
+    x_pad, z = state.x_pad, state.z
+    n_in, channels = x_pad.shape[0], x_pad.shape[1]
+    sample, tile_y, tile_x = tiles.unbind(1)
+    hp, wp = plan.padded_hw
+    gather = (
+        (sample * (hp * wp))[:, None, None]
+        + plan.in_row_offsets[tile_y][:, :, None]
+        + plan.in_cols[tile_x][:, None, :]
+    )
+    rows = x_pad.permute(0, 2, 3, 1).reshape(n_in * hp * wp, channels)  # a view: x_pad is channels_last
+    patches = rows.index_select(0, gather.reshape(-1))
+    patches = patches.view(tiles.shape[0], plan.rows.patch, plan.cols.patch, channels).permute(0, 3, 1, 2)
+    out = _conv(layer, patches)  # [K, C_out, size_h, size_w]
+    ho, wo = plan.out_hw
+    scatter = (
+        (sample * (ho * wo))[:, None, None]
+        + plan.out_row_offsets[tile_y][:, :, None]
+        + plan.out_cols[tile_x][:, None, :]
+    )
+    # tiles may overlap; overlapping outputs are computed from the same inputs, so either write is right
+    z_rows = z.permute(0, 2, 3, 1).view(-1, z.shape[1])
+    scatter = scatter.reshape(-1)
+    values = out.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    if changed is not None:  # select the rows to write (a second sync, but far less traffic than where())
+        keep = changed.reshape(-1).index_select(0, scatter).nonzero().squeeze(1)
+        scatter, values = scatter.index_select(0, keep), values.index_select(0, keep)
+    z_rows.index_copy_(0, scatter, values)
+
+
+def dense_macs(layer: SkipConv2d, plan: Plan) -> int:
+    return macs_per_output_position(layer) * plan.out_hw[0] * plan.out_hw[1]
+
+
+def new_counters() -> dict:
+    """Per-layer counters of what the backend ran: frames per path (idle: nothing changed), tiles, MACs
+    with the halo."""
+    return {"sparse_frames": 0, "dense_frames": 0, "idle_frames": 0, "tiles": 0, "macs_run": 0}
+
+
+# -- auto-tuning --------------------------------------------------------------------------------------
+
+_MEMORY_CACHE: dict[str, float] = {}
+
+
+def tuning_key(layer: SkipConv2d, state: SparseState) -> str:
+    x = state.x_pad
+    parts = [
+        x.device.type, str(x.dtype).removeprefix("torch."), f"n{x.shape[0]}", f"c{layer.in_channels}",
+        f"o{layer.out_channels}", f"g{layer.groups}", "k{}x{}".format(*layer.kernel_size),
+        "s{}x{}".format(*layer.stride), "d{}x{}".format(*layer.dilation), "in{}x{}".format(*x.shape[-2:]),
+        f"t{state.plan.tile}", f"b{int(layer.bias is not None)}",
+    ]  # fmt: skip
+    return "-".join(parts)
+
+
+def cache_file(device: torch.device) -> Path:
+    root = Path(os.environ.get("SKIPCONV_CACHE") or Path.home() / ".cache" / "skipconv")
+    name = f"{device.type}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+    if device.type == "cuda":
+        name += "-" + hashlib.sha1(torch.cuda.get_device_name(device).encode()).hexdigest()[:8]
+    return root / "tuning" / f"{name.replace('+', '_')}.json"
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or half-written by a crashed run: tune again
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
+
+
+def _write_cache(path: Path, key: str, value: float) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)  # merge: other processes may have tuned other layers meanwhile
+        data[key] = value
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home must not stop inference; the in-memory cache still holds it
+        pass
+
+
+def crossover_for(layer: SkipConv2d, state: SparseState) -> float:
+    """The layer's crossover fraction, from memory, the disk cache, or a fresh measurement."""
+    key = tuning_key(layer, state)
+    path = cache_file(state.x_pad.device)
+    memory_key = f"{path}:{key}"
+    if memory_key not in _MEMORY_CACHE:
+        cached = _read_cache(path).get(key)
+        if cached is None:
+            cached = measure_crossover(layer, state)
+            _write_cache(path, key, cached)
+        _MEMORY_CACHE[memory_key] = cached
+    return _MEMORY_CACHE[memory_key]
+
+
+def _median_time(fn, device: torch.device, repeats: int = TUNE_REPEATS) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()  # warm-up: allocator, oneDNN primitive cache
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
+    """Times the dense recompute against the tile path at a few active fractions on the live state.
+
+    Recomputing tiles from ``x_pad`` rewrites ``z`` with the values it already holds, so timing on the
+    live state is safe. Sparse time is close to affine in the number of tiles; the crossover is where the
+    interpolated sparse time meets ``TUNE_MARGIN`` x the dense time.
+    """
+    with torch.no_grad():
+        plan, device = state.plan, state.x_pad.device
+        n = state.x_pad.shape[0]
+        total = plan.tiles_per_sample * n
+        dense = _median_time(lambda: _conv(layer, state.x_pad), device)
+        generator = torch.Generator().manual_seed(0)
+        order = torch.randperm(total, generator=generator).to(device)
+        per_sample = plan.tiles_per_sample
+        tiles_x = len(plan.cols.starts)
+        points = [(0.0, 0.0)]
+        for fraction in TUNE_FRACTIONS:
+            count = max(1, round(fraction * total))
+            chosen = order[:count]
+            rest = chosen % per_sample
+            tiles = torch.stack([chosen // per_sample, rest // tiles_x, rest % tiles_x], 1)
+            seconds = _median_time(lambda t=tiles: recompute_tiles(layer, state, t), device)
+            points.append((count / total, seconds))
+    budget = TUNE_MARGIN * dense
+    if points[1][1] > budget:  # slower than dense even at the first fraction: interpolate from zero
+        return max(0.0, points[1][0] * budget / points[1][1])
+    for (f0, t0), (f1, t1) in zip(points[1:], points[2:], strict=False):
+        if t1 > budget:
+            return f0 + (f1 - f0) * (budget - t0) / (t1 - t0)
+    f_last, t_last = points[-1]
+    f_prev, t_prev = points[-2]
+    slope = (t_last - t_prev) / (f_last - f_prev)
+    return 1.0 if slope <= 0 else min(1.0, f_last + (budget - t_last) / slope)
