@@ -33,9 +33,24 @@ def settings_from_options(
     calibration: Path | None,
     dense: bool = False,
     backend: str = "reference",
+    gates: Path | None = None,
 ) -> SkipSettings:
-    """The conversion settings; a calibration file brings its own gate, block and per-layer thresholds."""
+    """The conversion settings; a calibration file brings its own gate, block and per-layer thresholds.
+
+    A gates file (``--gates``) implies the Gumbel gate and must match the model, weights and block. With
+    ``--gate gumbel`` and no file, the gates shipped for a built-in model are used when they match;
+    otherwise the gates are untrained (open everywhere: exact, no saving).
+    """
     thresholds: float | dict[str, float] = threshold
+    if gates is not None:
+        if calibration is not None:
+            raise SkipconvError("--gates and --calibration exclude each other: gates decide by themselves")
+        from skipconv_cli.pipeline.gates_file import load_gates
+
+        load_gates(gates).check_matches(loaded.name, loaded.weights_sha256, block)
+        gate = "gumbel"
+    elif gate == "gumbel" and calibration is None:
+        gates = _matching_shipped_gates(loaded, block)
     if calibration is not None:
         found = load_calibration(calibration)
         layer_names = [name for name, m in loaded.module.named_modules() if type(m) is torch.nn.Conv2d]
@@ -43,5 +58,23 @@ def settings_from_options(
         gate, block = found.gate, found.block
         thresholds = {name: found.thresholds.get(name, found.threshold) for name in layer_names}
     return SkipSettings(
-        gate=gate, threshold=thresholds, block=block, reset_every=reset_every, dense=dense, backend=backend
+        gate=gate,
+        threshold=thresholds,
+        block=block,
+        reset_every=reset_every,
+        dense=dense,
+        backend=backend,
+        gates=gates,
     )
+
+
+def _matching_shipped_gates(loaded: LoadedModel, block: int) -> Path | None:
+    from skipconv_cli.pipeline.gates_file import load_gates, shipped_gates
+
+    path = shipped_gates(loaded.name)
+    if path is None:
+        return None
+    found = load_gates(path)
+    if (found.model, found.weights_sha256, found.block) != (loaded.name, loaded.weights_sha256, block):
+        return None
+    return path

@@ -84,6 +84,14 @@ ResetEvery = Annotated[
 Calibration = Annotated[
     Path | None, typer.Option("--calibration", help="Per-layer thresholds written by `skipconv calibrate`.")
 ]
+Gates = Annotated[
+    Path | None,
+    typer.Option(
+        "--gates",
+        help="Gumbel gates from `skipconv train-gates` (implies --gate gumbel; default with --gate gumbel: "
+        "the file shipped for the model in weights/gates/, if any).",
+    ),
+]
 MaxFrames = Annotated[
     int | None, typer.Option("--max-frames", "-n", callback=_check_positive, help="Stop after N frames.")
 ]

@@ -48,6 +48,7 @@ def run(
     block: opt.Block = 1,
     reset_every: opt.ResetEvery = None,
     calibration: opt.Calibration = None,
+    gates: opt.Gates = None,
     max_frames: opt.MaxFrames = None,
     size: opt.Size = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Annotated H.264 mp4.")] = None,
@@ -84,7 +85,15 @@ def run(
     source = open_source(input, max_frames=max_frames)  # a bad input fails before the model loads
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
-        loaded, gate.value, threshold, block, reset_every, calibration, dense=dense, backend=backend.value
+        loaded,
+        gate.value,
+        threshold,
+        block,
+        reset_every,
+        calibration,
+        dense=dense,
+        backend=backend.value,
+        gates=gates,
     )
     torch_dev = torch_device(device)
     loaded.module.to(torch_dev)

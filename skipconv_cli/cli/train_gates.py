@@ -55,6 +55,14 @@ def train_gates(
         int,
         typer.Option("--clip-len", callback=opt._check_positive, help="Frames per clip (first is dense)."),
     ] = 4,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            "--warmup",
+            help="Frames run with the current gates (no gradient) between a clip's dense frame and its "
+            "trained frames, so training sees the pending change a long stream builds up.",
+        ),
+    ] = 0,
     steps: Annotated[
         int, typer.Option("--steps", callback=opt._check_positive, help="Optimizer steps.")
     ] = 300,
@@ -108,6 +116,7 @@ def train_gates(
         beta=beta,
         block=block,
         clip_len=clip_len,
+        warmup=warmup,
         steps=steps,
         lr=lr,
         batch=batch,

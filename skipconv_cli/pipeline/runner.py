@@ -38,6 +38,7 @@ class SkipSettings:
     reset_every: int | None = None
     dense: bool = False
     backend: str = "reference"
+    gates: Path | None = None  # learned Gumbel gates (train-gates), applied after conversion
 
 
 def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -67,6 +68,12 @@ def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
         model = convert(loaded.module, **options)
     except ValueError as e:
         raise SkipconvError(str(e)) from e
+    if settings.gates is not None and not settings.dense:
+        from skipconv_cli.pipeline.gates_file import load_gates
+
+        gates = load_gates(settings.gates)
+        gates.check_matches(loaded.name, loaded.weights_sha256, settings.block)
+        gates.apply(model)
     if settings.backend != "reference":
         from skipconv_cli.engine import set_backend  # the fast backend (issue 4)
 
@@ -307,6 +314,7 @@ def run_report(
         "gate": None if settings.dense else settings.gate,
         "threshold": None if settings.dense else _threshold_json(settings.threshold),
         "block": settings.block,
+        "gates": None if settings.dense or settings.gates is None else str(settings.gates),
         "dense": settings.dense,
         "resolution": list(predictor.input_size),
         "input": source.name,

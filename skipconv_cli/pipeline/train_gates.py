@@ -104,6 +104,7 @@ class TrainConfig:
     beta: float = 1.0
     block: int = 1
     clip_len: int = 4
+    warmup: int = 0
     steps: int = 300
     lr: float = 0.01
     batch: int = 2
@@ -125,12 +126,18 @@ class TrainConfig:
             raise SkipconvError(f"--beta must be a number >= 0; got {self.beta}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise SkipconvError(f"--lr must be > 0; got {self.lr}")
+        if self.warmup < 0:
+            raise SkipconvError(f"--warmup must be >= 0; got {self.warmup}")
         if self.steps < 1 or self.batch < 1 or self.clips < 1:
             raise SkipconvError("--steps, --batch and --clips must be at least 1")
         if self.block not in (1, 2, 4, 8):
             raise SkipconvError(f"--block must be 1, 2, 4 or 8; got {self.block}")
         if not 0 <= self.holdout < 1:
             raise SkipconvError(f"holdout must be in [0, 1); got {self.holdout}")
+
+    @property
+    def frames_per_clip(self) -> int:
+        return self.clip_len + self.warmup
 
     def fingerprint(self) -> dict:
         """What must not change between a checkpoint and a resumed run."""
@@ -139,6 +146,7 @@ class TrainConfig:
             "input_size": list(self.input_size),
             "block": self.block,
             "clip_len": self.clip_len,
+            "warmup": self.warmup,
             "batch": self.batch,
             "clips": self.clips,
             "holdout": self.holdout,
@@ -168,7 +176,7 @@ def split_ranges(config: TrainConfig) -> tuple[list[VideoRange], list[VideoRange
         if config.eval_videos or config.holdout == 0:
             train.append(VideoRange(video.input, video.start, video.start + total))
             continue
-        keep = max(config.clip_len, int(round(total * (1 - config.holdout))))
+        keep = max(config.frames_per_clip, int(round(total * (1 - config.holdout))))
         train.append(VideoRange(video.input, video.start, video.start + keep))
         if keep < total:
             held_out.append(VideoRange(video.input, video.start + keep, video.start + total))
@@ -180,10 +188,10 @@ def clip_starts(ranges: list[VideoRange], config: TrainConfig) -> list[tuple[int
     candidates = [
         (i, offset)
         for i, video in enumerate(ranges)
-        for offset in range(0, (video.stop or 0) - video.start - config.clip_len + 1)
+        for offset in range(0, (video.stop or 0) - video.start - config.frames_per_clip + 1)
     ]
     if not candidates:
-        raise SkipconvError(f"the videos are shorter than one clip of {config.clip_len} frames")
+        raise SkipconvError(f"the videos are shorter than one clip of {config.frames_per_clip} frames")
     count = min(config.clips, len(candidates))
     picks = np.linspace(0, len(candidates) - 1, count).round().astype(int)
     return [candidates[p] for p in picks]
@@ -223,7 +231,7 @@ def build_pool(
     wanted: dict[int, dict[int, int]] = {}  # range -> frame offset -> slot in the flat frame list
     slots = 0
     for i, offset in starts:
-        for t in range(config.clip_len):
+        for t in range(config.frames_per_clip):
             if offset + t not in wanted.setdefault(i, {}):
                 wanted[i][offset + t] = slots
                 slots += 1
@@ -240,7 +248,9 @@ def build_pool(
                 flat[needed[offset]] = tensor[0]
     if any(f is None for f in flat):
         raise SkipconvError("a video ended before its announced frame count (truncated file?)")
-    index = torch.tensor([[wanted[i][offset + t] for t in range(config.clip_len)] for i, offset in starts])
+    index = torch.tensor(
+        [[wanted[i][offset + t] for t in range(config.frames_per_clip)] for i, offset in starts]
+    )
     frames = torch.stack(flat)[index]  # type: ignore[arg-type]
     on_status("computing dense targets")
     outputs: list[list[torch.Tensor]] = []
@@ -249,7 +259,9 @@ def build_pool(
         for chunk in torch.split(frames.flatten(0, 1), 8):
             outputs.append([t.cpu() for t in as_tensors(dense(chunk.to(device)))])
     targets = [
-        torch.cat([o[j] for o in outputs]).reshape(len(starts), config.clip_len, *outputs[0][j].shape[1:])
+        torch.cat([o[j] for o in outputs]).reshape(
+            len(starts), config.frames_per_clip, *outputs[0][j].shape[1:]
+        )
         for j in range(len(outputs[0]))
     ]
     sources = []
@@ -352,8 +364,16 @@ def clip_loss(
     scales: list[float],
     beta: float,
     finetune: bool,
+    warmup: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss, distillation error and expected MAC fraction of a batch of clips [B, T, 3, H, W]."""
+    """Loss, distillation error and expected MAC fraction of a batch of clips [B, W + T, 3, H, W].
+
+    Frame 0 is dense; the ``warmup`` frames after it run with the current gates thresholded, as at
+    inference, without gradient; the last T - 1 frames sample the gates and count in the loss. Warm-up
+    puts the layers in the state they have deep into a stream (change left pending by closed gates),
+    which a clip fresh from its dense frame never shows: without it, gates learn to freeze layers that
+    are harmless for three frames and stale for the rest of a long stream.
+    """
     reset(model)
     layers = [layer for _, layer in skip_layers(model)]
     clip_len = frames.shape[1]
@@ -369,13 +389,19 @@ def clip_loss(
         device=frames.device,
     )
     share = dense_macs / dense_macs.sum()
+    if warmup:
+        set_gate_training(model, False)
+        with torch.no_grad():
+            for t in range(1, 1 + warmup):
+                model(frames[:, t])
+        set_gate_training(model, True)
     macs = frames.new_zeros(())
-    for t in range(1, clip_len):
+    for t in range(1 + warmup, clip_len):
         out = as_tensors(model(frames[:, t]))
         distill = distill + distillation_error(task, out, [x[:, t] for x in targets], scales)
         gates = torch.stack([layer.last_gate.float().mean() for layer in layers])
         macs = macs + (share * gates).sum()
-    skip_frames = clip_len - 1
+    skip_frames = clip_len - 1 - warmup
     distill = distill / (skip_frames + (1 if finetune else 0))
     macs = macs / skip_frames
     return distill + beta * macs, distill, macs
@@ -483,13 +509,13 @@ def train_gates(
         frames = pool.frames[pick].to(device)
         targets = [t[pick].to(device) for t in pool.targets]
         loss, distill, macs = clip_loss(
-            model, loaded.spec.task, frames, targets, pool.scales, config.beta, config.finetune
+            model, loaded.spec.task, frames, targets, pool.scales, config.beta, config.finetune, config.warmup
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        stats = StepStats(step, float(loss), float(distill), float(macs), time.perf_counter() - t0)
+        stats = StepStats(step, loss.item(), distill.item(), macs.item(), time.perf_counter() - t0)
         history.append(asdict(stats))
         on_step(stats)
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -507,6 +533,7 @@ def train_gates(
         training={
             "beta": config.beta,
             "clip_len": config.clip_len,
+            "warmup": config.warmup,
             "steps": config.steps,
             "lr": config.lr,
             "batch": config.batch,
