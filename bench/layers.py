@@ -9,8 +9,10 @@ For each representative layer and each fraction of active 8x8 output blocks, pri
   auto-tuned crossover (``auto``), and the reference backend's frame for comparison,
 and the speed-up of ``layer``/``auto`` over the channels_last dense conv.
 
-Run: ``python bench/layers.py [--threads 2] [--repeats 15]``. Timings on a shared machine are noisy: the
-medians of ``--repeats`` runs are reported.
+Run: ``python bench/layers.py [--threads 2] [--repeats 15] [--clock wall|thread]``. Timings on a shared
+machine are noisy: the medians of ``--repeats`` runs are reported. When other processes load the CPU, two
+threads wait on each other's time slices and wall times jump in multiples of the scheduler tick; then
+``--threads 1 --clock thread`` (CPU time of this thread only) gives the cost that does not depend on load.
 """
 
 from __future__ import annotations
@@ -54,13 +56,17 @@ LAYERS = (
 )
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = time.perf_counter
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
@@ -134,11 +140,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = parser.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("SKIPCONV_CACHE", tempfile.mkdtemp(prefix="skipconv-bench-"))
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, block {BLOCK}, median of {args.repeats} runs (ms)")
+    print(f"torch {torch.__version__}, {threads} threads, block {BLOCK}, median of {args.repeats} runs")
+    print(f"times in ms ({args.clock} clock); x dense = dense / layer, x auto = dense / auto")
     header = (
         f"{'layer':24} {'active':>6} {'nchw':>7} {'dense':>7} {'tiles':>7} {'layer':>7} {'auto':>7} "
         f"{'ref':>7} {'x dense':>8} {'x auto':>7}"

@@ -8,9 +8,11 @@ last dense frame of the stream, so one ``threshold`` means the same in every lay
 - ``input-norm``: support L1 norm of r at p divided by the mean support L1 norm of the dense input.
   ``threshold=0.1`` means "recompute where the input under the kernel changed by more than 10% of a
   typical input patch".
-- ``output-norm``: Young's bound ||W||_1 * (support norm of r at p), divided by the layer's mean output
-  magnitude summed over channels (C_out * mean |z|). It bounds the change of the output at p relative to
-  a typical output; the bound is loose, so useful thresholds are around 0.1-3.
+- ``output-norm``: Eq. 7's ||W||_1 * (support L1 norm of r at p), with ||W||_1 taken per weight (the mean
+  |W|) and divided by the layer's mean output magnitude mean |z|: the estimated change of the output at p
+  relative to a typical output. Dividing Young's bound by the fan-in and by C_out makes one threshold
+  comparable across layers: on openpose-mbv2-14 and the person clip, at equal heatmap error it skips 1.7x
+  more than the raw bound (3.66x vs 2.15x MAC reduction at max error 0.10). Useful thresholds: 0.03-1.
 - ``gumbel``: a learned one-output-channel conv on r; fires where its logit is positive (sigmoid > 0.5).
   Like every gate it never fires where the residual is exactly zero over the kernel support.
 """

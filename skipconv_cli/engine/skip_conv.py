@@ -259,8 +259,7 @@ class SkipConv2d(nn.Conv2d):
         """Scales, counters and overlays of a dense frame (shared by the backends)."""
         with torch.no_grad():
             n = x.shape[0]
-            out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True) * self.out_channels
-            self._out_scale = out_scale.clamp_min(_EPS)
+            self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
             input_support = support_sum(channel_abs_sum(x.detach()), self)
             self._in_scale = input_support.mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
             self._frames_since_dense = 1
@@ -314,8 +313,10 @@ class SkipConv2d(nn.Conv2d):
         elif self.gate_type == "input-norm":
             gate = support > self.threshold * self._in_scale if self.threshold > 0 else changed
         else:
-            weight_l1 = self.weight.detach().abs().sum()
-            gate = support * weight_l1 > self.threshold * self._out_scale if self.threshold > 0 else changed
+            # ||W||_1 of Eq. 7 divided by the number of weights: the estimate is then the output change
+            # at p relative to the mean output, comparable across layers of any fan-in (NOTES.md).
+            estimate = support * self.weight.detach().abs().mean()
+            gate = estimate > self.threshold * self._out_scale if self.threshold > 0 else changed
         gate = blockify(gate, self.block)
         self.last_gate = gate
         return gate

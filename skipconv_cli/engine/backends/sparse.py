@@ -160,6 +160,7 @@ class SparseState:
     plan: Plan
     crossover: float = 1.0  # fraction of active tiles above which the dense recompute is faster
     tuned: bool = False
+    residual: torch.Tensor | None = None  # scratch buffer reused every frame
 
     def matches(self, x: torch.Tensor) -> bool:
         ref = self.x_ref
@@ -207,8 +208,15 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         state.tuned = True
     plan = state.plan
     x_ref = state.x_ref
-    residual = x - x_ref
-    abs_sum = channel_abs_sum(residual)
+    # The residual goes into a buffer kept across frames: a fresh map-sized allocation per frame costs
+    # page faults that were measured to take longer than the subtraction itself.
+    if state.residual is None or state.residual.shape != x.shape:
+        state.residual = torch.empty_like(x, memory_format=torch.channels_last)
+    residual = torch.sub(x, x_ref, out=state.residual)
+    if layer.gate_type == "gumbel":  # its learned gate reads the signed residual
+        abs_sum = channel_abs_sum(residual)
+    else:  # |r| in place: the same values as channel_abs_sum, without a second map-sized tensor
+        abs_sum = residual.abs_().sum(1, keepdim=True)
     gate = layer._gate(residual, abs_sum)  # shared with the reference backend: the same decisions
     owned = layer._owned_inputs(gate, x.shape[-2:])
     layer._skip_bookkeeping(x, owned, tuple(state.z.shape[-2:]))
