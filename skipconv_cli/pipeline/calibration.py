@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from skipconv_cli.errors import SkipconvError
 
 FORMAT = "skipconv-calibration/1"
+GATES = ("output-norm", "input-norm", "gumbel")
 
 
 @dataclass
@@ -61,10 +63,33 @@ def load_calibration(path: Path) -> Calibration:
     try:
         calibration = Calibration(**data)
     except TypeError as e:
-        raise SkipconvError(f"calibration file {path} has unexpected fields: {e}") from e
-    values = [calibration.threshold, *calibration.thresholds.values()]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise SkipconvError(f"calibration file {path} has a threshold that is not a number >= 0")
-    if not isinstance(calibration.block, int) or calibration.block not in (1, 2, 4, 8):
-        raise SkipconvError(f"calibration file {path} has an invalid block size {calibration.block!r}")
+        raise SkipconvError(f"calibration file {path} has missing or unexpected fields: {e}") from e
+    problem = _problem(calibration)
+    if problem:
+        raise SkipconvError(f"calibration file {path} is damaged: {problem}; calibrate again")
     return calibration
+
+
+def _problem(c: Calibration) -> str | None:
+    """What is wrong with a loaded file's values (hand-edited or truncated files), or None."""
+    if not isinstance(c.model, str) or not c.model:
+        return "'model' must be a model name"
+    if c.weights_sha256 is not None and not isinstance(c.weights_sha256, str):
+        return "'weights_sha256' must be a string or null"
+    if c.gate not in GATES:
+        return f"'gate' must be one of {', '.join(GATES)}, not {c.gate!r}"
+    if isinstance(c.block, bool) or c.block not in (1, 2, 4, 8):
+        return f"'block' must be 1, 2, 4 or 8, not {c.block!r}"
+    if not isinstance(c.thresholds, dict):
+        return "'thresholds' must map layer names to numbers"
+    for name, value in [("threshold", c.threshold), *c.thresholds.items()]:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            return f"threshold of {name!r} is {value!r}, not a finite number >= 0"
+    if not isinstance(c.measured, dict) or not isinstance(c.frames, dict):
+        return "'measured' and 'frames' must be objects"
+    return None

@@ -1,0 +1,161 @@
+"""`skipconv calibrate`: per-layer thresholds giving the most skipping within an accuracy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from skipconv_cli.cli import options as opt
+from skipconv_cli.cli.common import load_model, torch_device
+from skipconv_cli.pipeline.calibrate import (
+    CalibrationResult,
+    Evaluation,
+    SearchSettings,
+    calibrate_model,
+    calibration_file,
+    plot_tradeoff,
+    prepare_clip,
+    require_norm_gate,
+)
+from skipconv_cli.pipeline.runner import SkipSettings, parse_size
+from skipconv_cli.pipeline.video import open_source
+
+EXAMPLES = """
+Examples:
+
+  skipconv calibrate sample:person --task pose --start 250 --out pose.calibration.json --plot pose.png
+
+  skipconv calibrate traffic.mp4 --model yolox-nano --max-drop 0.5 --block 4 --out yolox.calibration.json
+
+  skipconv run traffic.mp4 --model yolox-nano --calibration yolox.calibration.json --compare-dense
+"""
+
+
+def calibrate(
+    input: opt.Input,
+    task: opt.Task = None,
+    model: opt.Model = None,
+    weights: opt.Weights = None,
+    gate: opt.Gate = opt.GateName.output_norm,
+    block: opt.Block = 1,
+    size: opt.Size = None,
+    max_drop: Annotated[
+        float,
+        typer.Option("--max-drop", help="Fidelity points (AP or PCK, dense = 100) the skipping may cost."),
+    ] = 1.0,
+    frames: Annotated[
+        int, typer.Option("--frames", callback=opt._check_positive, help="Calibration frames.")
+    ] = 100,
+    start: Annotated[
+        int,
+        typer.Option("--start", min=0, help="First calibration frame (skip frames with nothing in them)."),
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Calibration JSON to write (default: MODEL.calibration.json)."),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG plot of MAC reduction against fidelity.")
+    ] = None,
+    score_threshold: Annotated[
+        float | None, typer.Option("--score-threshold", help="Minimum detection/person score.")
+    ] = None,
+    device: opt.Device = "cpu",
+    backend: opt.Backend = opt.BackendName.reference,
+    threads: opt.Threads = None,
+) -> None:
+    """Find the thresholds that skip the most while fidelity to the dense model stays within --max-drop.
+
+    The dense model's predictions on the calibration frames are the reference (AP@[.5:.95] for detection,
+    PCK@0.2 for pose; dense = 100). First the largest single threshold within budget is searched, then
+    per-layer thresholds are raised where that costs the least fidelity. Apply the result with
+    `skipconv run --calibration FILE`.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    search_settings = SearchSettings(max_drop=max_drop)  # checks --max-drop before anything slow
+    require_norm_gate(gate.value)
+    source = open_source(input, max_frames=start + frames)  # a bad input fails before the model loads
+    loaded = load_model(model, task.value if task else None, weights)
+    torch_dev = torch_device(device)
+    loaded.module.to(torch_dev)
+    input_size = parse_size(size, loaded.spec.input_size)
+    score = loaded.spec.default_score_threshold if score_threshold is None else score_threshold
+    skip = SkipSettings(gate=gate.value, threshold=0.0, block=block, backend=backend.value)
+    out = out or Path(f"{Path(loaded.name).name.replace(':', '_')}.calibration.json")
+    console = Console()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("dense reference", total=frames, status="")
+        clip = prepare_clip(
+            loaded, source, start, input_size, score, torch_dev,
+            on_frame=lambda n: progress.update(bar, completed=n),
+        )  # fmt: skip
+        progress.update(
+            bar,
+            description="search",
+            completed=0,
+            total=search_settings.max_evaluations,
+            status=f"{len(clip.inputs)} frames cached",
+        )
+
+        def on_evaluation(point: Evaluation) -> None:
+            progress.update(
+                bar, advance=1, status=f"{point.label}: {point.reduction:.2f}x, fidelity {point.fidelity:.2f}"
+            )
+
+        result = calibrate_model(loaded, skip, clip, score, search_settings, on_evaluation)
+
+    print_tradeoff(console, result)
+    calibration = calibration_file(result, loaded, skip, clip, max_drop)
+    calibration.save(out)
+    console.print(f"wrote {out}")
+    if plot is not None:
+        title = f"{loaded.name}, {clip.input_name} frames {start}-{start + len(clip.inputs) - 1}"
+        plot_tradeoff(result, plot, title)
+        console.print(f"wrote {plot}")
+
+
+def print_tradeoff(console: Console, result: CalibrationResult) -> None:
+    """The trade-off table (global sweep by threshold, then the per-layer search), then the outcome."""
+    table = Table(title=f"MAC reduction vs fidelity ({result.metric}, budget ≥ {result.floor:g})")
+    for column in ("search", "threshold", "MAC reduction", "fidelity", "within", "s"):
+        table.add_column(column, justify="left" if column in ("search", "threshold") else "right")
+    sweep = sorted((p for p in result.evaluations if p.phase == "global"), key=lambda p: p.threshold or 0.0)
+    per_layer = [p for p in result.evaluations if p.phase == "per-layer"]
+    for point in sweep + per_layer:
+        style = "bold green" if point is result.best else None
+        table.add_row(
+            point.phase,
+            f"{point.threshold:g}" if point.threshold is not None else point.label,
+            f"{point.reduction:.2f}x",
+            f"{point.fidelity:.2f}",
+            "yes" if point.within(result.floor) else "no",
+            f"{point.seconds:.1f}",
+            style=style,
+        )
+    console.print(table)
+    g, best = result.best_global, result.best
+    console.print(
+        f"global threshold {g.threshold:g}: [bold]{g.reduction:.2f}x[/] fewer MACs at {g.fidelity:.2f}; "
+        f"per-layer: [bold green]{best.reduction:.2f}x[/] at {best.fidelity:.2f} "
+        f"({100 * (result.per_layer_gain - 1):+.0f}%), {len(result.evaluations)} evaluations "
+        f"in {result.seconds:.0f} s"
+    )
+
+
+calibrate.__doc__ = (calibrate.__doc__ or "") + "\n\n" + EXAMPLES
