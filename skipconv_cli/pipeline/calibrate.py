@@ -227,6 +227,8 @@ def search(
 
     def at(tau: float) -> Evaluation:
         tau = float(f"{tau:.4g}")  # readable thresholds in the file; the search never needs more digits
+        # A threshold within 0.5% of one already measured is that one (e.g. 0.015625 vs 0.01563).
+        tau = next((t for t in global_points if abs(t - tau) <= 0.005 * tau), tau)
         if tau not in global_points:
             global_points[tau] = measure(dict.fromkeys(names, tau), "global", f"τ={tau:g}", tau)
         return global_points[tau]
