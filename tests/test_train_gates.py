@@ -102,14 +102,18 @@ def test_training_lowers_macs_and_keeps_the_outputs_close(video: str, tmp_path: 
 
 def test_checkpoint_resume_continues_from_the_saved_step(video: str, tmp_path: Path) -> None:
     loaded = tiny()
-    straight = train_gates(loaded, config(video, steps=6, checkpoint_every=2, warmup=2), tmp_path / "a.pt")
-    train_gates(loaded, config(video, steps=4, checkpoint_every=2, warmup=2), tmp_path / "b.pt")
-    assert checkpoint_path(tmp_path / "b.pt").is_file()
+    settings = config(video, steps=6, checkpoint_every=2, warmup=2)
+    straight = train_gates(loaded, settings, tmp_path / "a.pt")
+
+    def interrupt(stats: StepStats) -> None:
+        if stats.step == 5:  # after the checkpoint of step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(loaded, settings, tmp_path / "b.pt", on_step=interrupt)
+    assert checkpoint_path(tmp_path / "b.pt").is_file() and not (tmp_path / "b.pt").exists()
     resumed_steps: list[StepStats] = []
-    resumed = train_gates(
-        loaded, config(video, steps=6, checkpoint_every=2, warmup=2), tmp_path / "b.pt", resume=True,
-        on_step=resumed_steps.append,
-    )  # fmt: skip
+    resumed = train_gates(loaded, settings, tmp_path / "b.pt", resume=True, on_step=resumed_steps.append)
     assert [s.step for s in resumed_steps] == [5, 6]
     for name, value in straight.state_dict.items():  # RNG and optimizer state were restored too
         torch.testing.assert_close(resumed.state_dict[name], value)

@@ -63,6 +63,14 @@ def train_gates(
             "trained frames, so training sees the pending change a long stream builds up.",
         ),
     ] = 0,
+    sharpen: Annotated[
+        float,
+        typer.Option(
+            "--sharpen",
+            help="Final factor on the gate logits while training (annealed from 1): sampled gates end up "
+            "acting like the thresholded gates of inference.",
+        ),
+    ] = 10.0,
     steps: Annotated[
         int, typer.Option("--steps", callback=opt._check_positive, help="Optimizer steps.")
     ] = 300,
@@ -117,6 +125,7 @@ def train_gates(
         block=block,
         clip_len=clip_len,
         warmup=warmup,
+        sharpen=sharpen,
         steps=steps,
         lr=lr,
         batch=batch,

@@ -114,6 +114,7 @@ class TrainConfig:
     finetune: bool = False
     seed: int = 0
     checkpoint_every: int = 20
+    sharpen: float = 10.0
 
     def check(self) -> None:
         if not self.videos:
@@ -126,6 +127,8 @@ class TrainConfig:
             raise SkipconvError(f"--beta must be a number >= 0; got {self.beta}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise SkipconvError(f"--lr must be > 0; got {self.lr}")
+        if self.sharpen < 1 or not math.isfinite(self.sharpen):
+            raise SkipconvError(f"--sharpen must be >= 1; got {self.sharpen}")
         if self.warmup < 0:
             raise SkipconvError(f"--warmup must be >= 0; got {self.warmup}")
         if self.steps < 1 or self.batch < 1 or self.clips < 1:
@@ -344,6 +347,30 @@ def prepare_model(loaded: LoadedModel, config: TrainConfig, device: torch.device
     return model
 
 
+class GateSharpness:
+    """Scales every gate's logits by ``k`` during training (a forward hook; the parameters are untouched).
+
+    A sampled gate fires with probability sigmoid(k * logit), the thresholded one at inference where
+    logit > 0, whatever k > 0. With k = 1 training converges to gates that fire at random with a small
+    probability: they cover every pixel now and then while sampled, and never once thresholded, so
+    inference freezes whole layers. Raising k from 1 to ``sharpen`` over training turns the sampled gates
+    into the thresholded ones, so the loss ends up measuring what inference will do.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.k = 1.0
+        self._handles = [
+            layer.gate.register_forward_hook(self._scale) for _, layer in skip_layers(model) if layer.gate
+        ]
+
+    def _scale(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * self.k if module.training else output
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -501,6 +528,7 @@ def train_gates(
         step, history = load_checkpoint(ckpt, model, optimizer, generator, fingerprint)
         on_status(f"resumed at step {step}")
     set_gate_training(model, True)
+    sharpness = GateSharpness(model)
     started = time.perf_counter()
     clips = pool.frames.shape[0]
     while step < config.steps:
@@ -508,6 +536,7 @@ def train_gates(
         pick = torch.randint(clips, (min(config.batch, clips),), generator=generator)
         frames = pool.frames[pick].to(device)
         targets = [t[pick].to(device) for t in pool.targets]
+        sharpness.k = 1.0 + (config.sharpen - 1.0) * step / max(1, config.steps - 1)
         loss, distill, macs = clip_loss(
             model, loaded.spec.task, frames, targets, pool.scales, config.beta, config.finetune, config.warmup
         )
@@ -521,6 +550,7 @@ def train_gates(
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(ckpt, model, optimizer, step, generator, fingerprint, history)
     train_seconds = time.perf_counter() - started
+    sharpness.remove()
     reset(model)
     on_status("evaluating on held-out frames")
     measured = evaluate(loaded, model, eval_ranges, config.input_size, device, config.eval_frames)
@@ -534,6 +564,7 @@ def train_gates(
             "beta": config.beta,
             "clip_len": config.clip_len,
             "warmup": config.warmup,
+            "sharpen": config.sharpen,
             "steps": config.steps,
             "lr": config.lr,
             "batch": config.batch,
