@@ -36,11 +36,9 @@ def tuning_cache(tmp_path, monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def person_stream(videos_dir) -> torch.Tensor:
-    """24 consecutive frames of the person clip: [T, 1, 3, 48, 80]."""
-    frames = read_frames(
-        videos_dir / "one-by-one-person-detection.mp4", STREAM_FRAMES, start=1150, size=(80, 48)
-    )
+def video_stream(videos_dir) -> torch.Tensor:
+    """24 consecutive frames of the car clip (cars crossing: part of the image changes): [T, 1, 3, 48, 80]."""
+    frames = read_frames(videos_dir / "car-detection.mp4", STREAM_FRAMES, start=190, size=(80, 48))
     stream = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255.0)
     return stream.unsqueeze(1)
 
@@ -48,8 +46,12 @@ def person_stream(videos_dir) -> torch.Tensor:
 def run_both(
     dense_model: torch.nn.Module, stream: torch.Tensor, crossover: float | None = None, **options
 ) -> tuple[torch.nn.Module, torch.nn.Module, float, float, int]:
-    """Runs the reference and the sparse backend side by side; returns both models, the worst output
-    difference, the output scale and how many (layer, frame) gates differed."""
+    """Runs the reference and the sparse backend side by side.
+
+    Returns both models, the worst output difference up to the first frame where some layer's gate
+    differs between the backends (after that the streams may legitimately differ by a pending change),
+    the output scale, and how many (layer, frame) gates differed.
+    """
     reference = sc.convert(dense_model, **options)
     fast = sc.convert(dense_model, backend="sparse", **options)
     for _, layer in sc.engine.skip_layers(fast):
@@ -59,11 +61,12 @@ def run_both(
         for frame in stream:
             expected, got = reference(frame), fast(frame)
             scale = max(scale, expected.abs().max().item())
-            worst = max(worst, (expected - got).abs().max().item())
             pairs = zip(sc.engine.skip_layers(reference), sc.engine.skip_layers(fast), strict=True)
             for (_, a), (_, b) in pairs:
                 if a.last_gate is not None and not torch.equal(a.last_gate, b.last_gate):
                     gate_mismatches += 1
+            if not gate_mismatches:
+                worst = max(worst, (expected - got).abs().max().item())
     return reference, fast, worst, scale, gate_mismatches
 
 
@@ -72,24 +75,24 @@ def executed(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_sparse_matches_reference_for_every_gate_and_block(arch: str, person_stream: torch.Tensor) -> None:
+def test_sparse_matches_reference_for_every_gate_and_block(arch: str, video_stream: torch.Tensor) -> None:
     dense_model = build(arch)
     for gate in GATES:
         for block in BLOCK_SIZES:
-            for threshold in (0.0, 0.5):
+            for threshold in (0.0, 0.1):
                 if gate == "gumbel" and threshold:
                     continue  # the Gumbel gate ignores the threshold
                 reference, fast, worst, scale, mismatches = run_both(
-                    dense_model, person_stream, gate=gate, threshold=threshold, block=block
+                    dense_model, video_stream, gate=gate, threshold=threshold, block=block
                 )
                 where = f"{arch} {gate} block {block} threshold {threshold}"
                 assert worst <= 1e-4 * scale, f"{where}: max diff {worst:.3g} (scale {scale:.3g})"
                 # Both backends take the same decisions on the same residuals. The residual of a deeper
-                # layer can differ in the last bit (dense vs. tile-wise accumulation), which very rarely
-                # flips a decision exactly at the threshold, or, at threshold 0, whether a change that
-                # rounds to nothing is seen at all; the MAC reports then differ by a few outputs.
-                # Measured on this clip: identical reports above threshold 0; at threshold 0 with blocks of
-                # 1-2, gates of up to 10% of (layer, frame) pairs differ by a few pixels, MACs by < 0.2%.
+                # layer can differ in the last bit (dense vs. tile-wise accumulation), which rarely flips
+                # a decision exactly at the threshold, or, at threshold 0, whether a change that rounds to
+                # nothing is seen at all; the MAC reports then differ by a few outputs.
+                # Measured: identical reports above threshold 0; at threshold 0 with blocks of 1-2, gates of
+                # up to 10% of (layer, frame) pairs differed by a few pixels, MACs by < 0.2%.
                 assert mismatches <= 0.1 * STREAM_FRAMES * len(sc.engine.skip_layers(fast)), where
                 if mismatches == 0:
                     assert sc.report(reference) == sc.report(fast), where
@@ -97,11 +100,11 @@ def test_sparse_matches_reference_for_every_gate_and_block(arch: str, person_str
                     assert executed(fast) == pytest.approx(executed(reference), rel=5e-3), where
 
 
-def test_forced_dense_and_forced_sparse_agree(person_stream: torch.Tensor) -> None:
+def test_forced_dense_and_forced_sparse_agree(video_stream: torch.Tensor) -> None:
     model = build("mobilenetv2")
-    options = {"gate": "output-norm", "threshold": 0.5, "block": 4}
-    _, always_dense, worst_dense, scale, _ = run_both(model, person_stream, crossover=0.0, **options)
-    _, always_sparse, worst_sparse, _, _ = run_both(model, person_stream, crossover=1.0, **options)
+    options = {"gate": "output-norm", "threshold": 0.1, "block": 4}
+    _, always_dense, worst_dense, scale, _ = run_both(model, video_stream, crossover=0.0, **options)
+    _, always_sparse, worst_sparse, _, _ = run_both(model, video_stream, crossover=1.0, **options)
     assert max(worst_dense, worst_sparse) <= 1e-4 * scale
     dense_stats = [layer.backend_stats() for _, layer in sc.engine.skip_layers(always_dense)]
     sparse_stats = [layer.backend_stats() for _, layer in sc.engine.skip_layers(always_sparse)]
@@ -115,10 +118,10 @@ def test_forced_dense_and_forced_sparse_agree(person_stream: torch.Tensor) -> No
     assert sc.report(always_dense) == sc.report(always_sparse), "accounting does not depend on the path"
 
 
-def test_auto_tuning_is_cached_on_disk(tmp_path, person_stream: torch.Tensor) -> None:
-    model = sc.convert(plain_net(), threshold=0.5, block=8, backend="sparse")
+def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> None:
+    model = sc.convert(plain_net(), threshold=0.1, block=8, backend="sparse")
     with torch.no_grad():
-        for frame in person_stream[:3]:
+        for frame in video_stream[:3]:
             model(frame)
     crossovers = [layer.backend_stats()["crossover"] for _, layer in sc.engine.skip_layers(model)]
     assert all(c is not None and 0.0 <= c <= 1.0 for c in crossovers)
@@ -129,16 +132,16 @@ def test_auto_tuning_is_cached_on_disk(tmp_path, person_stream: torch.Tensor) ->
     # a new process would read the file: the values come back without measuring again
     sparse._MEMORY_CACHE.clear()
     files[0].write_text(json.dumps(dict.fromkeys(cached, 0.25)))
-    again = sc.convert(plain_net(), threshold=0.5, block=8, backend="sparse")
+    again = sc.convert(plain_net(), threshold=0.1, block=8, backend="sparse")
     with torch.no_grad():
-        for frame in person_stream[:2]:
+        for frame in video_stream[:2]:
             again(frame)
     assert {layer.backend_stats()["crossover"] for _, layer in sc.engine.skip_layers(again)} == {0.25}
 
 
-def test_downstream_inplace_ops_do_not_corrupt_the_state(person_stream: torch.Tensor) -> None:
+def test_downstream_inplace_ops_do_not_corrupt_the_state(video_stream: torch.Tensor) -> None:
     # resnet-basic ends its blocks with in-place adds and ReLUs on the conv outputs
-    _, _, worst, scale, _ = run_both(build("resnet-basic"), person_stream[:8], threshold=0.0, block=2)
+    _, _, worst, scale, _ = run_both(build("resnet-basic"), video_stream[:8], threshold=0.0, block=2)
     assert worst <= 1e-4 * scale
 
 
