@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -52,3 +54,27 @@ def read_frames(
     cap.release()
     assert len(frames) == count, f"{path} gave {len(frames)} of {count} frames"
     return frames
+
+
+def skipconv(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs the real command line, as a user would, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "skipconv_cli.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.fixture(scope="session")
+def env(weights_dir: Path, videos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Environment for CLI runs: the shared weights and clips, and an empty cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    return os.environ | {
+        "SKIPCONV_WEIGHTS": str(weights_dir),
+        "SKIPCONV_SAMPLES": str(videos_dir),
+        "SKIPCONV_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,27 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-
-def skipconv(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "skipconv_cli.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-
-
-@pytest.fixture(scope="module")
-def env(weights_dir: Path, videos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    cache = tmp_path_factory.mktemp("cache")
-    return os.environ | {
-        "SKIPCONV_WEIGHTS": str(weights_dir),
-        "SKIPCONV_SAMPLES": str(videos_dir),
-        "SKIPCONV_CACHE": str(cache),
-        "PYTHONUNBUFFERED": "1",
-    }
+from tests.conftest import skipconv
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

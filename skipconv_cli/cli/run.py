@@ -170,7 +170,8 @@ def print_report(console: Console, data: dict) -> None:
     ms = data["time_ms_per_frame"]["total"]
     console.print(
         f"[bold]{data['frames']} frames[/]  MACs {macs['dense'] / 1e9:.2f} → {macs['executed'] / 1e9:.2f} G "
-        f"([bold green]{macs['reduction']:.2f}x fewer[/])  {ms:.1f} ms/frame"
+        f"([bold green]{macs['reduction']:.2f}x fewer[/])  {ms:.1f} ms/frame",
+        soft_wrap=True,
     )
     if "fidelity" in data:
         fid = data["fidelity"]

@@ -352,6 +352,16 @@ class SkipConv2d(nn.Conv2d):
         else:
             self._computed_outputs = self._computed_outputs.to(computed.device) + computed.sum()
 
+    def state_bytes(self) -> int:
+        """Bytes of stream state held for all streams: reference input, output and backend buffers."""
+        tensors = [self._x_ref, self._z]
+        if self._sparse_state is not None:
+            tensors += [t for t in vars(self._sparse_state).values() if isinstance(t, torch.Tensor)]
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
+        }
+        return sum(storages.values())
+
     def layer_stats(self) -> dict:
         """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""
         computed = int(self._computed_outputs)

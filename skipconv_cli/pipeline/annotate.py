@@ -44,9 +44,7 @@ def _label(img: np.ndarray, text: str, x: int, y: int, color: tuple[int, int, in
     cv2.putText(img, text, (x + 2, top + th + 1), _FONT, font_scale, ink, text_thickness, cv2.LINE_AA)
 
 
-def draw_boxes(
-    frame: np.ndarray, boxes: Sequence[Sequence[float]], labels: Sequence[str] = ()
-) -> np.ndarray:
+def draw_boxes(frame: np.ndarray, boxes: Sequence[Sequence[float]], labels: Sequence[str] = ()) -> np.ndarray:
     """Draw detection boxes ``[x1, y1, x2, y2, score, class]`` with "label score" tags.
 
     Args:

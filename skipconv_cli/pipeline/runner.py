@@ -59,7 +59,7 @@ def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
 
 def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
     """The converted model; ``dense`` recomputes every frame (reset_every=1) so reports stay comparable."""
-    options: dict = {"gate": settings.gate, "block": settings.block}
+    options: dict = {"gate": settings.gate, "block": settings.block, "backend": settings.backend}
     if settings.dense:
         options |= {"threshold": 0.0, "reset_every": 1}
     else:
@@ -74,10 +74,6 @@ def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
         gates = load_gates(settings.gates)
         gates.check_matches(loaded.name, loaded.weights_sha256, settings.block)
         gates.apply(model)
-    if settings.backend != "reference":
-        from skipconv_cli.engine import set_backend  # the fast backend (issue 4)
-
-        set_backend(model, settings.backend)
     return model
 
 

@@ -189,8 +189,11 @@ def _conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
 def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     """First frame of a stream (or a reset): everything computed, state laid out for gathering."""
     x_pad = _pad(layer, x.detach()).contiguous(memory_format=torch.channels_last)
-    if x_pad is x:  # no padding and already channels_last: the caller still owns x
-        x_pad = x_pad.clone()
+    if x_pad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        # no padding and already channels_last: x_pad would alias x, which the caller still owns and
+        # which other layers reading the same tensor would also store; the in-place reference updates
+        # of one layer would then hide the change from the others
+        x_pad = x_pad.clone(memory_format=torch.channels_last)
     z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
     layer._sparse_state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)

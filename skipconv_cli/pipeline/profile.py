@@ -1,0 +1,205 @@
+"""Dense vs skip on the same frames in one process: end-to-end time, per-layer time, MACs, output error.
+
+Both models see every frame in turn (dense, then skip) after a warm-up, so machine load affects both
+alike; the ratio of speedup to MAC reduction says how much of the theoretical gain became real.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from skipconv_cli.engine import SkipConv2d, report, reset, reset_stats
+from skipconv_cli.models.factory import LoadedModel
+from skipconv_cli.pipeline.runner import SkipSettings, skip_model
+
+
+@dataclass
+class LayerTimer:
+    """Wall time spent inside each named module, via forward pre/post hooks."""
+
+    seconds: dict[str, float]
+
+    @classmethod
+    def attach(cls, model: nn.Module, kinds: tuple[type, ...]) -> tuple[LayerTimer, list]:
+        timer = cls(seconds={})
+        handles = []
+        for name, module in model.named_modules():
+            if type(module) in kinds:
+                handles.append(module.register_forward_pre_hook(timer._start(name)))
+                handles.append(module.register_forward_hook(timer._stop(name)))
+        return timer, handles
+
+    def _start(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            module._profile_t0 = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - module._profile_t0
+
+        return hook
+
+
+def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of module outputs alive at once during one dense forward (a measure of the dense model's
+    activation memory; temporaries inside a single op are not counted)."""
+    live: dict[int, int] = {}
+    peak = 0
+
+    def release(ptr: int) -> None:
+        live.pop(ptr, None)
+
+    def on_output(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal peak
+        for t in _tensors(output):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in live:
+                live[ptr] = t.untyped_storage().nbytes()
+                weakref.finalize(t, release, ptr)
+        peak = max(peak, sum(live.values()))
+
+    handles = [m.register_forward_hook(on_output) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            out = model(x)
+        del out
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peak
+
+
+def state_bytes_per_stream(model: nn.Module, streams: int = 1) -> int:
+    """Bytes of stream state (reference inputs, outputs, backend buffers) held per stream."""
+    return sum(m.state_bytes() for m in model.modules() if isinstance(m, SkipConv2d)) // streams
+
+
+def _tensors(value: object) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _max_abs(a: object, b: object) -> tuple[float, float]:
+    """Largest |a - b| and largest |a| over matching tensors of two outputs."""
+    diff, scale = 0.0, 0.0
+    for ta, tb in zip(_tensors(a), _tensors(b), strict=True):
+        diff = max(diff, (ta - tb).abs().max().item())
+        scale = max(scale, ta.abs().max().item())
+    return diff, scale
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_model(
+    loaded: LoadedModel,
+    settings: SkipSettings,
+    frames: list[np.ndarray],
+    input_size: tuple[int, int],
+    warmup: int = 3,
+    device: torch.device | None = None,
+    on_frame: Callable[[int], None] | None = None,
+) -> dict:
+    """Times the dense model and its Skip-Conv version on the same frames, interleaved.
+
+    The first ``warmup`` frames run through both models untimed (allocator, oneDNN primitive caches,
+    the sparse backend's tuning); then the stream restarts from the first frame, densely computed as in
+    any stream, and every frame is timed.
+    """
+    device = device or torch.device("cpu")
+    dense = loaded.module.to(device).eval()
+    skip = skip_model(loaded, settings)
+    inputs = [loaded.spec.preprocess(frame, input_size)[0].to(device) for frame in frames]
+    with torch.no_grad():
+        for x in inputs[:warmup]:
+            dense(x)
+            skip(x)
+    reset(skip)
+    reset_stats(skip)
+    dense_timer, dense_handles = LayerTimer.attach(dense, (nn.Conv2d,))
+    skip_timer, skip_handles = LayerTimer.attach(skip, (SkipConv2d,))
+    dense_ms, skip_ms, worst_diff, scale = [], [], 0.0, 0.0
+    try:
+        with torch.no_grad():
+            for index, x in enumerate(inputs):
+                _sync(device)
+                t0 = time.perf_counter()
+                reference = dense(x)
+                _sync(device)
+                t1 = time.perf_counter()
+                out = skip(x)
+                _sync(device)
+                t2 = time.perf_counter()
+                dense_ms.append(1000 * (t1 - t0))
+                skip_ms.append(1000 * (t2 - t1))
+                diff, frame_scale = _max_abs(reference, out)
+                worst_diff, scale = max(worst_diff, diff), max(scale, frame_scale)
+                if on_frame is not None:
+                    on_frame(index)
+    finally:
+        for handle in dense_handles + skip_handles:
+            handle.remove()
+    stats = report(skip)
+    n = len(inputs)
+    layers = []
+    for entry in stats["layers"]:
+        name = entry["name"]
+        layers.append(
+            {
+                **entry,
+                "dense_ms": 1000 * dense_timer.seconds.get(name, 0.0) / n,
+                "skip_ms": 1000 * skip_timer.seconds.get(name, 0.0) / n,
+            }
+        )
+    dense_total, skip_total = statistics.fmean(dense_ms), statistics.fmean(skip_ms)
+    speedup = dense_total / skip_total
+    peak = peak_activation_bytes(dense, inputs[0])
+    state = state_bytes_per_stream(skip)
+    return {
+        "model": loaded.name,
+        "resolution": list(input_size),
+        "frames": n,
+        "gate": settings.gate,
+        "threshold": settings.threshold if not isinstance(settings.threshold, dict) else "per-layer",
+        "block": settings.block,
+        "backend": settings.backend,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "time": {
+            "dense_ms_per_frame": dense_total,
+            "skip_ms_per_frame": skip_total,
+            "dense_ms_median": statistics.median(dense_ms),
+            "skip_ms_median": statistics.median(skip_ms),
+            "speedup": speedup,
+        },
+        "macs": stats["macs"],
+        "realised": speedup / stats["macs"]["reduction"],
+        "output_difference": {
+            "max_abs": worst_diff,
+            "relative_to_output_scale": worst_diff / max(scale, 1e-12),
+        },
+        "memory": {
+            "dense_peak_activation_bytes": peak,
+            "state_bytes_per_stream": state,
+            "state_over_dense_peak": state / max(peak, 1),
+        },
+        "layers": layers,
+    }

@@ -1,0 +1,37 @@
+"""`skipconv profile`: dense and skip timed in one run, with the JSON a script reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import skipconv
+
+
+def test_profile_json_has_times_macs_and_layers(env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    result = skipconv(
+        "profile", "sample:person", "--model", "light-person", "--max-frames", "8", "--warmup", "2",
+        "--threads", "1", "--block", "4", "--json", str(out), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    time_ = data["time"]
+    assert time_["dense_ms_per_frame"] > 0 and time_["skip_ms_per_frame"] > 0
+    assert time_["speedup"] == time_["dense_ms_per_frame"] / time_["skip_ms_per_frame"]
+    assert data["macs"]["reduction"] > 1.0 and data["frames"] == 8
+    assert data["realised"] == time_["speedup"] / data["macs"]["reduction"]
+    layers = data["layers"]
+    assert len(layers) == 113 and all(layer["dense_ms"] > 0 and layer["skip_ms"] > 0 for layer in layers)
+    assert data["memory"]["state_bytes_per_stream"] > 0 and data["memory"]["dense_peak_activation_bytes"] > 0
+    assert "faster" in result.stdout and "of the MAC reduction realised" in result.stdout
+
+
+def test_profile_at_threshold_zero_matches_dense(env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    result = skipconv(
+        "profile", "sample:cars", "--model", "light-person", "--threshold", "0", "--max-frames", "6",
+        "--warmup", "1", "--threads", "1", "--json", str(out), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["output_difference"]["relative_to_output_scale"] < 1e-4
