@@ -43,17 +43,17 @@ def rows(frames: int) -> list[Row]:
     sparse = SkipSettings(gate="output-norm", block=4, backend="sparse")
     return [
         Row("openpose-mbv2-14, person clip", "openpose-mbv2-14", "sample:person", (368, 432),
-            replace(sparse, threshold=1.0), start=1150),
-        Row("yolox-nano 416, cars", "yolox-nano", "sample:cars", (416, 416), replace(sparse, threshold=1.0)),
+            replace(sparse, threshold=0.1), start=1150),
+        Row("yolox-nano 416, cars", "yolox-nano", "sample:cars", (416, 416), replace(sparse, threshold=0.05)),
         Row("yolox-nano 736x1280, cars", "yolox-nano", "sample:cars", (736, 1280),
-            replace(sparse, threshold=1.0)),
+            replace(sparse, threshold=0.05)),
         *[
             Row(f"hrnet-w32 256, person, ~{target}x MACs", "hrnet-w32", "sample:person", (256, 256), sparse,
                 start=1150, target_reduction=target, paper_speedup=paper)
             for target, paper in ((2.51, 1.48), (4.33, 1.91), (7.92, 4.09))
         ],
         Row("yolox-nano 416, bikes (moving camera)", "yolox-nano", "sample:bikes", (416, 416),
-            replace(sparse, threshold=1.0)),
+            replace(sparse, threshold=0.05)),
     ]  # fmt: skip
 
 

@@ -15,6 +15,16 @@ SHARED = Path(os.environ.get("SKIPCONV_SHARED", Path(__file__).resolve().parents
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands run in-process set torch's thread count; numerics (oneDNN blocking) depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         if IN_CI:

@@ -155,8 +155,9 @@ def test_ctrl_c_keeps_valid_outputs(env: dict, tmp_path: Path) -> None:
     lines, video, report = tmp_path / "p.jsonl", tmp_path / "o.mp4", tmp_path / "r.json"
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "skipconv_cli.cli.main", "run", "sample:person", "--model", "light-person",
-            "--predictions", str(lines), "--output", str(video), "--report", str(report),
+            # a dense 416 px detector takes about a minute over the clip: still running when Ctrl-C comes
+            sys.executable, "-m", "skipconv_cli.cli.main", "run", "sample:person", "--model", "yolox-nano",
+            "--dense", "--predictions", str(lines), "--output", str(video), "--report", str(report),
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
@@ -170,7 +171,7 @@ def test_ctrl_c_keeps_valid_outputs(env: dict, tmp_path: Path) -> None:
         "error: interrupted: outputs written so far are kept"
     ]
     frames = [json.loads(x) for x in lines.read_text().splitlines()]  # every line is valid JSON
-    assert len(frames) >= 10
+    assert 10 <= len(frames) < 1394
     assert abs(video_frames(video) - len(frames)) <= 1
     data = json.loads(report.read_text())
     assert data["interrupted"] is True and data["frames"] >= 10

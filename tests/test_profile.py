@@ -31,7 +31,7 @@ def test_profile_at_threshold_zero_matches_dense(env: dict, tmp_path: Path) -> N
     out = tmp_path / "profile.json"
     result = skipconv(
         "profile", "sample:cars", "--model", "light-person", "--threshold", "0", "--max-frames", "6",
-        "--warmup", "1", "--threads", "1", "--json", str(out), env=env,
+        "--warmup", "1", "--threads", "1", "--backend", "reference", "--json", str(out), env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["output_difference"]["relative_to_output_scale"] < 1e-4

@@ -44,7 +44,8 @@ def _register_commands() -> None:
 def main() -> None:
     _register_commands()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns exit codes instead of exiting: Ctrl-C comes back as 130.
+        code = app(standalone_mode=False)
     except SkipconvError as e:
         if os.environ.get("SKIPCONV_DEBUG"):
             raise
@@ -61,11 +62,16 @@ def main() -> None:
         if os.environ.get("SKIPCONV_DEBUG"):
             raise
         _fail(f"{type(e).__name__}: {e} (set SKIPCONV_DEBUG=1 for the traceback)", 1)
+    if code == 130:
+        _fail("interrupted: outputs written so far are kept", 130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(message: str, code: int) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
 
 if __name__ == "__main__":
     main()
