@@ -35,7 +35,8 @@ def test_pose_run_skips_more_than_half_the_macs(env: dict, tmp_path: Path) -> No
     report, lines, video = tmp_path / "r.json", tmp_path / "p.jsonl", tmp_path / "o.mp4"
     result = skipconv(
         "run", "sample:person", "--task", "pose", "--gate", "output-norm", "--threshold", "0.3",
-        "--max-frames", "100", "--report", str(report), "--predictions", str(lines), "--output", str(video),
+        "--max-frames", "100", "--backend", "sparse", "--report", str(report), "--predictions", str(lines),
+        "--output", str(video),
         env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
