@@ -10,7 +10,8 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,29 +26,24 @@ from skipconv_cli.pipeline.runner import SkipSettings, skip_model
 class LayerTimer:
     """Wall time spent inside each named module, via forward pre/post hooks."""
 
-    seconds: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def attach(cls, model: nn.Module, kinds: tuple[type, ...]) -> tuple[LayerTimer, list]:
-        timer = cls(seconds={})
+        timer = cls()
         handles = []
         for name, module in model.named_modules():
             if type(module) in kinds:
-                handles.append(module.register_forward_pre_hook(timer._start(name)))
-                handles.append(module.register_forward_hook(timer._stop(name)))
+                handles.append(module.register_forward_pre_hook(partial(timer._start, name)))
+                handles.append(module.register_forward_hook(partial(timer._stop, name)))
         return timer, handles
 
-    def _start(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            module._profile_t0 = time.perf_counter()
+    def _start(self, name: str, module: nn.Module, args: tuple) -> None:
+        self._started[name] = time.perf_counter()
 
-        return hook
-
-    def _stop(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - module._profile_t0
-
-        return hook
+    def _stop(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._started[name]
 
 
 def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
