@@ -36,18 +36,28 @@ class Calibration:
 
     def check_matches(self, model: str, weights_sha256: str | None, layer_names: list[str]) -> None:
         """Refuses a calibration made for another model, other weights or other layers."""
-        if self.model != model:
-            raise SkipconvError(f"calibration is for model {self.model!r}, not {model!r}")
-        if self.weights_sha256 != weights_sha256:
-            raise SkipconvError(
-                f"calibration was made with weights sha256 {str(self.weights_sha256)[:12]}…, "
-                f"these are {str(weights_sha256)[:12]}…: calibrate again for these weights"
-            )
+        check_same_model(
+            "calibration", (self.model, self.weights_sha256), (model, weights_sha256), "calibrate"
+        )
         unknown = sorted(set(self.thresholds) - set(layer_names))
         if unknown:
             raise SkipconvError(
                 f"calibration names layers this model does not have: {', '.join(unknown[:3])}"
             )
+
+
+def check_same_model(
+    what: str, saved: tuple[str, str | None], current: tuple[str, str | None], redo: str
+) -> None:
+    """Refuses a file (calibration, gates) made for another model or other weights than the ones loaded."""
+    (saved_model, saved_sha), (model, sha) = saved, current
+    if saved_model != model:
+        raise SkipconvError(f"{what} is for model {saved_model!r}, not {model!r}")
+    if saved_sha != sha:
+        raise SkipconvError(
+            f"{what} was made with weights sha256 {str(saved_sha)[:12]}…, these are {str(sha)[:12]}…: "
+            f"{redo} again for these weights"
+        )
 
 
 def load_calibration(path: Path) -> Calibration:

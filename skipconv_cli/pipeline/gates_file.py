@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from skipconv_cli.errors import SkipconvError
+from skipconv_cli.pipeline.calibration import check_same_model
 
 FORMAT = "skipconv-gates/1"
 
@@ -44,13 +45,9 @@ class GatesFile:
 
     def check_matches(self, model: str, weights_sha256: str | None, block: int) -> None:
         """Refuses gates trained for another model, other weights or another block size."""
-        if self.model != model:
-            raise SkipconvError(f"gates file is for model {self.model!r}, not {model!r}")
-        if self.weights_sha256 != weights_sha256:
-            raise SkipconvError(
-                f"gates were trained with weights sha256 {str(self.weights_sha256)[:12]}…, these are "
-                f"{str(weights_sha256)[:12]}…: train gates again for these weights"
-            )
+        check_same_model(
+            "gates file", (self.model, self.weights_sha256), (model, weights_sha256), "train gates"
+        )
         if self.block != block:
             raise SkipconvError(
                 f"gates were trained with block {self.block}, not {block}: pass --block {self.block}"
