@@ -233,9 +233,6 @@ NANODET_M_SPEC = register_model(
             "https://raw.githubusercontent.com/Kazuhito00/Detection-PoseEstimation-Pipeline/"
             "7121ff80014612e72c5ebb950e698bd5b1ac53f2/Detector/nanodet/model/nanodet_m_416.onnx"
         ),
-        extra={
-            "sha256": "08b62b9ee4a7878e7a64d6ef4faf3074322c033a0252c83a20f41b86c76e8146",
-            "output_names": OUTPUT_NAMES,
-        },
+        extra={"output_names": OUTPUT_NAMES},
     )
 )

@@ -381,11 +381,11 @@ _PINTO_URL = (
     "d4a4b5419ea4506a41deb960a2573759de40bd6e/models/train/test/tflite/posttraing_quantization/"
 )
 _PUBLISHED = (
-    ("05", openpose_mbv2_05, "675e862f911f980af495ecfb1feb3cff9598d4a04252dce8f6932f0a54e283b4"),
-    ("10", openpose_mbv2_10, "d6c2cd7a13b5e996c2be18c15ba3a67cd0a53abe1d64c163295679d5f8895061"),
-    ("14", openpose_mbv2_14, "44ca354020f47ae9976fefbc2febd6410000aa8a059ca750300b2cbbb6d2b7d7"),
+    ("05", openpose_mbv2_05),
+    ("10", openpose_mbv2_10),
+    ("14", openpose_mbv2_14),
 )
-for _dm, _build, _sha256 in _PUBLISHED:
+for _dm, _build in _PUBLISHED:
     _file = f"mobilenet_v2_pose_dm{_dm}_368_432_weight_quant.tflite"
     register_model(
         ModelSpec(
@@ -401,6 +401,6 @@ for _dm, _build, _sha256 in _PUBLISHED:
             license="MIT",
             source=_PINTO_URL + _file,
             default_score_threshold=0.4,  # tf-pose's THRESH_HUMAN_SCORE
-            extra={"sha256": _sha256, "output_stride": 8},
+            extra={"output_stride": 8},
         )
     )

@@ -261,7 +261,6 @@ YOLOX_NANO_SPEC = register_model(
             "https://raw.githubusercontent.com/Kazuhito00/YOLOX-ONNX-TFLite-Sample/"
             "3d4f1119d0694200671c08069ecb847aa0d8495a/model/yolox_nano.onnx"
         ),
-        extra={"sha256": "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14"},
     )
 )
 
@@ -278,6 +277,5 @@ LIGHT_PERSON_SPEC = register_model(
         labels=("person",),
         license="Apache-2.0",
         source=_KAZUHITO_PIPELINE + "light_person_detector/model/model.onnx",
-        extra={"sha256": "4bf5f704cd3bd900645a4303e0934ede13d9fb2135058b38005f4c2886c68576"},
     )
 )
