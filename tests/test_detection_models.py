@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from skipconv_cli.models.detection import (
-    DetectionLetterbox,
     box_iou,
     boxes_to_frame,
     decode_yolox,
@@ -17,7 +16,7 @@ from skipconv_cli.models.detection import (
     nms_per_class,
 )
 from skipconv_cli.models.nanodet import NANODET_M_SPEC, OUTPUT_NAMES
-from skipconv_cli.models.registry import ModelSpec
+from skipconv_cli.models.registry import Letterbox, ModelSpec
 from skipconv_cli.models.yolox import LIGHT_PERSON_SPEC, YOLOX_NANO_SPEC, build_yolox_nano, load_yolox_weights
 from tests.conftest import read_frames
 
@@ -220,5 +219,5 @@ def test_yolox_decoding_and_frame_mapping():
     boxes, scores = decode_yolox(raw, size)
     assert boxes[13].tolist() == [4.0, 4.0, 12.0, 12.0]  # centre 8, size exp(0) * 8
     assert scores[0].item() == pytest.approx(0.4)
-    box = DetectionLetterbox(scale=0.5, pad_x=0.0, pad_y=0.0, frame_size=(100, 150), input_size=size)
+    box = Letterbox(scale=0.5, pad_x=0.0, pad_y=0.0, frame_size=(100, 150), input_size=size)
     assert boxes_to_frame(np.array([[4, 4, 12, 400]]), box).tolist() == [[8, 8, 24, 100]]

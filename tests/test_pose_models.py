@@ -176,7 +176,7 @@ def test_paf_grouping_separates_two_people() -> None:
 
 
 def test_postprocess_maps_back_to_frame_and_handles_nothing() -> None:
-    box = Letterbox(scale=0.5, pad_x=10.0, pad_y=20.0, frame_size=(400, 800))
+    box = Letterbox(scale=0.5, pad_x=10.0, pad_y=20.0, frame_size=(400, 800), input_size=(256, 448))
     empty = postprocess_openpose(np.zeros((57, 46, 54), np.float32), box, 0.4)
     assert empty == {"persons": []}
 

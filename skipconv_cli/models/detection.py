@@ -9,7 +9,6 @@ score, highest first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -36,17 +35,6 @@ COCO_LABELS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class DetectionLetterbox(Letterbox):
-    """A :class:`Letterbox` that also remembers the network input size (height, width).
-
-    Decoding needs the feature-map grid, and the raw outputs alone do not fix it for non-square inputs
-    (a 13x26 grid and a 26x13 grid have the same number of anchors).
-    """
-
-    input_size: tuple[int, int] = (0, 0)
-
-
 # --------------------------------------------------------------------------------------------- pre
 
 
@@ -57,9 +45,7 @@ def _check_input_size(size: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
-def letterbox(
-    frame: np.ndarray, size: tuple[int, int], pad_value: float
-) -> tuple[np.ndarray, DetectionLetterbox]:
+def letterbox(frame: np.ndarray, size: tuple[int, int], pad_value: float) -> tuple[np.ndarray, Letterbox]:
     """Resize ``frame`` keeping its aspect ratio into the top-left of a ``size`` canvas.
 
     This is YOLOX's ``preproc`` (bilinear resize, ``int`` truncation of the resized size) and also what
@@ -82,20 +68,20 @@ def letterbox(
     new_w, new_h = int(frame_w * scale), int(frame_h * scale)
     canvas = np.full((height, width, 3), pad_value, dtype=np.uint8)
     canvas[:new_h, :new_w] = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    box = DetectionLetterbox(
+    box = Letterbox(
         scale=scale, pad_x=0.0, pad_y=0.0, frame_size=(frame_h, frame_w), input_size=(height, width)
     )
     return canvas, box
 
 
-def preprocess_yolox(frame: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, DetectionLetterbox]:
+def preprocess_yolox(frame: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, Letterbox]:
     """YOLOX input: letterbox with pad 114, BGR, 0-255 float, no normalisation -> [1, 3, H, W]."""
     canvas, box = letterbox(frame, size, pad_value=114)
     tensor = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32))
     return tensor.unsqueeze(0), box
 
 
-def preprocess_nanodet(frame: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, DetectionLetterbox]:
+def preprocess_nanodet(frame: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, Letterbox]:
     """NanoDet input: letterbox with pad 0, BGR, ``(x - mean) / std`` per channel -> [1, 3, H, W]."""
     canvas, box = letterbox(frame, size, pad_value=0)
     mean = np.asarray(NANODET_MEAN, dtype=np.float32)
@@ -285,16 +271,6 @@ def select_detections(
     }
 
 
-def _input_size_of(box: Letterbox) -> tuple[int, int]:
-    size = getattr(box, "input_size", (0, 0))
-    if not size or min(size) <= 0:
-        raise ValueError(
-            "decoding needs the network input size: pass the DetectionLetterbox that the detector's "
-            "preprocess returned"
-        )
-    return (int(size[0]), int(size[1]))
-
-
 def postprocess_yolox(
     raw: torch.Tensor,
     box: Letterbox,
@@ -303,7 +279,7 @@ def postprocess_yolox(
     max_detections: int = 100,
 ) -> dict:
     """YOLOX / light-person raw output of one frame -> ``{"boxes": [...]}`` in frame pixels."""
-    boxes, scores = decode_yolox(raw, _input_size_of(box))
+    boxes, scores = decode_yolox(raw, box.input_size)
     return select_detections(boxes, scores, box, score_threshold, iou_threshold, max_detections)
 
 
@@ -320,5 +296,5 @@ def postprocess_nanodet(
             f"NanoDet gives {2 * len(STRIDES)} outputs (cls then dis per stride), got {len(raw)}"
         )
     n = len(STRIDES)
-    boxes, scores = decode_nanodet(raw[:n], raw[n:], _input_size_of(box))
+    boxes, scores = decode_nanodet(raw[:n], raw[n:], box.input_size)
     return select_detections(boxes, scores, box, score_threshold, iou_threshold, max_detections)

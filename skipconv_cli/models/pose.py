@@ -72,7 +72,9 @@ def letterbox(
     pad_x, pad_y = (tw - nw) // 2, (th - nh) // 2
     canvas = np.full((th, tw, 3), pad_value, dtype=np.float32)
     canvas[pad_y : pad_y + nh, pad_x : pad_x + nw] = resized
-    return canvas, Letterbox(scale=scale, pad_x=float(pad_x), pad_y=float(pad_y), frame_size=(fh, fw))
+    return canvas, Letterbox(
+        scale=scale, pad_x=float(pad_x), pad_y=float(pad_y), frame_size=(fh, fw), input_size=(th, tw)
+    )
 
 
 def preprocess_openpose(frame: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, Letterbox]:

@@ -22,12 +22,17 @@ Task = Literal["detect", "pose"]
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How a frame was mapped onto the network input: input = frame * scale + (pad_x, pad_y)."""
+    """How a frame was mapped onto the network input: input = frame * scale + (pad_x, pad_y).
+
+    ``input_size`` is kept because decoding needs the feature-map grid, which the raw outputs alone do not fix
+    for non-square inputs (a 13x26 grid and a 26x13 grid have the same number of anchors).
+    """
 
     scale: float
     pad_x: float
     pad_y: float
     frame_size: tuple[int, int]  # (height, width) of the original frame
+    input_size: tuple[int, int]  # (height, width) of the network input
 
 
 @dataclass(frozen=True)

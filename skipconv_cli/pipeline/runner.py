@@ -178,9 +178,10 @@ def first_sample(raw):
     return raw
 
 
-def computed_map(model: nn.Module, box: Letterbox, input_size: tuple[int, int]) -> np.ndarray:
+def computed_map(model: nn.Module, box: Letterbox) -> np.ndarray:
     """Where the network computed on the last frame, in frame pixels: the share of layers (0..1) that
     recomputed each location, mapped back through the letterbox."""
+    input_size = box.input_size
     maps = [
         F.interpolate(layer.last_computed[0:1].float(), size=input_size, mode="nearest")
         for _, layer in skip_layers(model)
@@ -258,11 +259,7 @@ def run_video(
                 if lines is not None:
                     lines.write({"frame": index, **predictions})
                 if video is not None:
-                    heat = (
-                        computed_map(predictor.model, box, predictor.input_size)
-                        if outputs.show_mask
-                        else None
-                    )
+                    heat = computed_map(predictor.model, box) if outputs.show_mask else None
                     annotated = annotate(frame, predictions, predictor.loaded, heat)
                     video.write(draw_hud(annotated, hud_lines(predictor, settings)))
                 if on_frame is not None:
