@@ -63,7 +63,9 @@ def run_both(
             scale = max(scale, expected.abs().max().item())
             pairs = zip(sc.engine.skip_layers(reference), sc.engine.skip_layers(fast), strict=True)
             for (_, a), (_, b) in pairs:
-                if a.last_gate is not None and not torch.equal(a.last_gate, b.last_gate):
+                if a.last_gate is None or b.last_gate is None:  # a plain (gateless) sparse layer
+                    continue
+                if not torch.equal(a.last_gate, b.last_gate):
                     gate_mismatches += 1
             if not gate_mismatches:
                 worst = max(worst, (expected - got).abs().max().item())
@@ -83,7 +85,7 @@ def test_sparse_matches_reference_for_every_gate_and_block(arch: str, video_stre
                 if gate == "gumbel" and threshold:
                     continue  # the Gumbel gate ignores the threshold
                 reference, fast, worst, scale, mismatches = run_both(
-                    dense_model, video_stream, gate=gate, threshold=threshold, block=block
+                    dense_model, video_stream, crossover=1.0, gate=gate, threshold=threshold, block=block
                 )
                 where = f"{arch} {gate} block {block} threshold {threshold}"
                 assert worst <= 1e-4 * scale, f"{where}: max diff {worst:.3g} (scale {scale:.3g})"
@@ -110,12 +112,64 @@ def test_forced_dense_and_forced_sparse_agree(video_stream: torch.Tensor) -> Non
     sparse_stats = [layer.backend_stats() for _, layer in sc.engine.skip_layers(always_sparse)]
     frames = STREAM_FRAMES
     assert all(s["sparse_frames"] == 0 for s in dense_stats), "crossover 0: always the dense fallback"
+    assert all(s["plain_frames"] == 0 for s in dense_stats + sparse_stats), "fixed crossover: no plain frames"
     assert all(s["dense_frames"] + s["idle_frames"] == frames for s in dense_stats)
     assert sum(s["dense_frames"] for s in dense_stats) > len(dense_stats)
     assert all(s["dense_frames"] == 1 for s in sparse_stats), "crossover 1: dense only on the first frame"
     assert all(s["sparse_frames"] + s["idle_frames"] == frames - 1 for s in sparse_stats)
     assert sum(s["tiles"] for s in sparse_stats) > 0
     assert sc.report(always_dense) == sc.report(always_sparse), "accounting does not depend on the path"
+
+
+def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stream: torch.Tensor) -> None:
+    """Auto-tuning may send a layer to plain dense convolutions (its gate costs what its conv does) or
+    back off after a busy frame; outputs stay as exact as the reference's, and MACs count what ran."""
+    model = build("mobilenetv2")
+    _, tuned, worst, scale, _ = run_both(model, video_stream, crossover=None, threshold=0.0, block=4)
+    assert worst <= 1e-4 * scale
+    layers = [layer for _, layer in sc.engine.skip_layers(tuned)]
+    plain = [layer for layer in layers if layer._sparse_state.plain_forever]
+    for layer in plain:
+        stats = layer.backend_stats()
+        assert stats["plain_frames"] == STREAM_FRAMES - 1 and stats["sparse_frames"] == 0
+        assert layer.layer_stats()["active_fraction"] == 1.0, "a plain layer computes every output"
+        assert layer.state_bytes() == 0, "a plain layer keeps no stream state"
+    for layer in layers:
+        stats = layer.backend_stats()
+        frames = sum(stats[k] for k in ("sparse_frames", "dense_frames", "idle_frames", "plain_frames"))
+        assert frames == STREAM_FRAMES
+
+
+def test_backoff_runs_plain_frames_after_a_busy_frame_and_takes_the_state_back() -> None:
+    """A busy frame (dense recompute) is followed by plain frames that borrow their tensors; the next skip
+    frame copies them back, unless someone wrote into them (then it starts afresh with a dense frame)."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
+    layer.eval()
+    layer.crossover = None
+    generator = torch.Generator().manual_seed(0)
+    frames = [torch.rand(1, 8, 32, 32, generator=generator) for _ in range(6)]
+    dense = torch.nn.Conv2d(8, 8, 3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        dense.bias.copy_(layer.bias)
+        layer(frames[0])
+        state = layer._sparse_state
+        state.tuned, state.crossover = True, 0.5  # pin a crossover without pinning the path
+        busy = layer(frames[1])  # every pixel changed: the dense recompute, then a back-off
+        assert state.plain_left == 1 and layer.backend_stats()["dense_frames"] == 2
+        plain = layer(frames[2])
+        assert layer.backend_stats()["plain_frames"] == 1 and state.borrowed is not None
+        still = frames[2].clone()
+        still[..., :4, :4] += 1.0  # a small change: tiles, from the borrowed state
+        local = layer(still)
+        assert state.borrowed is None and layer.backend_stats()["sparse_frames"] == 1
+        for got, x in ((busy, frames[1]), (plain, frames[2]), (local, still)):
+            torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
+        layer(frames[3])  # busy again: dense recompute and back-off
+        out = layer(frames[4])  # plain, borrowed
+        out.add_(1.0)  # a downstream in-place op writes into the borrowed output
+        again = layer(frames[5])
+        torch.testing.assert_close(again, dense(frames[5]), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> None:
@@ -166,6 +220,8 @@ def test_set_backend_switches_and_restarts_the_stream() -> None:
         expected = [model(f) for f in frames]
         sc.set_backend(model, "sparse")
         assert all(layer.backend == "sparse" for _, layer in sc.engine.skip_layers(model))
+        for _, layer in sc.engine.skip_layers(model):
+            layer.crossover = 1.0  # the tile path (tiny maps would be tuned to plain convolutions)
         sc.reset_stats(model)
         got = [model(f) for f in frames]
     assert sc.report(model)["layers"][0]["active_fraction"] < 1.0
@@ -183,6 +239,8 @@ def test_batch_streams_and_inference_mode() -> None:
     stream[1:, 0] = stream[0, 0]  # stream 0 is static, stream 1 changes every frame
     reference = sc.convert(build("hrnet-fusion"), threshold=0.3, block=4)
     fast = sc.convert(build("hrnet-fusion"), threshold=0.3, block=4, backend="sparse")
+    for _, layer in sc.engine.skip_layers(fast):
+        layer.crossover = 1.0  # the tile path on every layer, so that the reports match
     with torch.inference_mode():
         for frame in stream:
             torch.testing.assert_close(fast(frame), reference(frame), rtol=0, atol=1e-4)

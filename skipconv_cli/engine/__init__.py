@@ -2,6 +2,7 @@
 
 from skipconv_cli.engine.convert import (
     convert,
+    fold_batchnorms,
     report,
     reset,
     reset_stats,
@@ -14,6 +15,7 @@ from skipconv_cli.engine.skip_conv import SkipConv2d
 __all__ = [
     "SkipConv2d",
     "convert",
+    "fold_batchnorms",
     "report",
     "reset",
     "reset_stats",

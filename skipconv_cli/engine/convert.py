@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from skipconv_cli.engine.gates import check_gate_args
-from skipconv_cli.engine.skip_conv import SkipConv2d
+from skipconv_cli.engine.skip_conv import SkipConv2d, fold_batchnorm
 
 DEFAULT_THRESHOLD = 0.3
 Thresholds = float | Mapping[str, float]
@@ -66,6 +66,23 @@ def convert(
         _set_submodule(model, name, layer)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
+    return model
+
+
+def fold_batchnorms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every eval-mode ``BatchNorm2d`` that directly follows a conv folded into
+    that conv (replaced by ``nn.Identity``), the convs staying plain ``nn.Conv2d``.
+
+    The fair dense baseline: an optimised dense deployment folds BatchNorm too, and ``convert`` does.
+    """
+    model = copy.deepcopy(model)
+    for conv_name, bn_name in _batchnorms_to_fold(model).items():
+        conv = model.get_submodule(conv_name)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        weight, bias = fold_batchnorm(conv.weight.detach(), bias, model.get_submodule(bn_name))
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+        _set_submodule(model, bn_name, nn.Identity())
     return model
 
 

@@ -199,17 +199,50 @@ class SkipConv2d(nn.Conv2d):
         self._in_scale: torch.Tensor | None = None
         self._out_scale: torch.Tensor | None = None
         self._frames_since_dense = 0
-        self.last_computed: torch.Tensor | None = None  # [N, 1, H_out, W_out] bool, for overlays
-        self.last_gate: torch.Tensor | None = None  # the gate of the last skip frame (float in training)
+        self.last_computed = None  # [N, 1, H_out, W_out] bool, for overlays
+        self.last_gate = None  # the gate of the last skip frame (float in training)
         self._owner_cache: dict = {}
         self._sparse_state: sparse.SparseState | None = None
         self._state_path: str | None = None  # which path ("reference"/"sparse") owns the state
+
+    # The C++ step and plain frames leave their maps in a compact form; the bool maps are made on request.
+
+    @property
+    def last_computed(self) -> torch.Tensor | None:
+        if self._last_source is None:
+            return self._last_computed
+        kind, value = self._last_source
+        if kind == "dense":
+            n, out_hw, device = value
+            return torch.ones((n, 1, *out_hw), dtype=torch.bool, device=device)
+        return (value.mark > 0).unsqueeze(1)
+
+    @last_computed.setter
+    def last_computed(self, value: torch.Tensor | None) -> None:
+        self._last_computed = value
+        self._last_source = None
+
+    @property
+    def last_gate(self) -> torch.Tensor | None:
+        source = getattr(self, "_last_source", None)
+        if source is None or source[0] != "native":
+            return self._last_gate
+        maps = source[1]
+        out_hw = maps.mark.shape[-2:]
+        gate = maps.gate.bool().unsqueeze(1)
+        gate = gate.repeat_interleave(self.block, -2).repeat_interleave(self.block, -1)
+        return gate[..., : out_hw[0], : out_hw[1]]
+
+    @last_gate.setter
+    def last_gate(self, value: torch.Tensor | None) -> None:
+        self._last_gate = value
 
     def reset_stats(self) -> None:
         self.stats_frames = 0
         self.stats_dense_frames = 0
         self.stats_outputs_total = 0
         self._computed_outputs = torch.zeros((), dtype=torch.long)
+        self._computed_counted = 0  # outputs counted on the host (C++ step)
         self.stats_gate_macs = 0
         self._backend_counters = sparse.new_counters()
 
@@ -284,6 +317,20 @@ class SkipConv2d(nn.Conv2d):
             self._skip_bookkeeping(x, owned, z.shape[-2:])
         return z
 
+    def _plain_bookkeeping(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """A plain dense frame (sparse backend): counted as dense, scales kept from the last dense frame."""
+        n = x.shape[0]
+        self._frames_since_dense = 1
+        self._last_source = ("dense", (n, tuple(z.shape[-2:]), z.device))
+        self._count(n, z.shape[-2:], computed=None, gate_macs=0)
+
+    def _native_bookkeeping(self, x: torch.Tensor, maps, computed: int) -> None:
+        """A frame of the C++ step: it counted the outputs it computed (the same footprint as below)."""
+        self._frames_since_dense += 1
+        self._last_source = ("native", maps)
+        in_hw, out_hw = x.shape[-2:], maps.mark.shape[-2:]
+        self._count(x.shape[0], out_hw, computed=computed, gate_macs=norm_gate_macs(self, in_hw, out_hw))
+
     def _skip_bookkeeping(self, x: torch.Tensor, owned: torch.Tensor, out_hw: tuple[int, ...]) -> None:
         """Counts the outputs really needed (the footprint of the updated inputs) and the gate's cost; the
         same for every backend, whatever extra (halo) work a backend does."""
@@ -340,7 +387,7 @@ class SkipConv2d(nn.Conv2d):
 
     # -- accounting -----------------------------------------------------------------------------------
 
-    def _count(self, n: int, out_hw: torch.Size, computed: torch.Tensor | None, gate_macs: int) -> None:
+    def _count(self, n: int, out_hw: torch.Size, computed: torch.Tensor | int | None, gate_macs: int) -> None:
         positions = n * out_hw[0] * out_hw[1]
         self.stats_frames += n
         self.stats_outputs_total += positions
@@ -348,15 +395,20 @@ class SkipConv2d(nn.Conv2d):
         self._out_hw = (int(out_hw[0]), int(out_hw[1]))
         if computed is None:
             self.stats_dense_frames += n
-            self._computed_outputs = self._computed_outputs.to(self.weight.device) + positions
+            self._computed_counted += positions
+        elif isinstance(computed, int):
+            self._computed_counted += computed
         else:
             self._computed_outputs = self._computed_outputs.to(computed.device) + computed.sum()
 
     def state_bytes(self) -> int:
         """Bytes of stream state held for all streams: reference input, output and backend buffers."""
         tensors = [self._x_ref, self._z]
-        if self._sparse_state is not None:
-            tensors += [t for t in vars(self._sparse_state).values() if isinstance(t, torch.Tensor)]
+        state = self._sparse_state
+        if state is not None:
+            maps = vars(state.maps).values() if state.maps is not None else ()
+            held = [*vars(state).values(), *maps, *(state.borrowed or ())]
+            tensors += [t for t in held if isinstance(t, torch.Tensor)]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
         }
@@ -364,7 +416,7 @@ class SkipConv2d(nn.Conv2d):
 
     def layer_stats(self) -> dict:
         """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""
-        computed = int(self._computed_outputs)
+        computed = int(self._computed_outputs) + self._computed_counted
         per_frame_dense = conv_macs(self, self._out_hw) if self.stats_frames else 0
         return {
             "kernel": list(self.kernel_size),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipconv_cli.engine import SkipConv2d, report, reset, reset_stats
+from skipconv_cli.engine import SkipConv2d, fold_batchnorms, report, reset, reset_stats
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.runner import SkipSettings, skip_model
 
@@ -121,7 +121,7 @@ def profile_model(
     any stream, and every frame is timed.
     """
     device = device or torch.device("cpu")
-    dense = loaded.module.to(device).eval()
+    dense = fold_batchnorms(loaded.module).to(device).eval()  # the baseline folds BatchNorm as skip does
     skip = skip_model(loaded, settings)
     inputs = [loaded.spec.preprocess(frame, input_size)[0].to(device) for frame in frames]
     with torch.no_grad():

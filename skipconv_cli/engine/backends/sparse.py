@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.gates import channel_abs_sum, support_sum
 from skipconv_cli.engine.macs import macs_per_output_position
 
@@ -47,6 +48,8 @@ EXEC_TILE = 8  # execution tile (outputs per side) for k > 1 kernels when the ga
 TUNE_FRACTIONS = (0.1, 0.3, 0.6)  # active-tile fractions timed by the auto-tuner
 TUNE_MARGIN = 0.9  # run sparse only where it is predicted at least ~10% faster than dense
 TUNE_REPEATS = 3
+PLAIN_BELOW = 0.1  # a layer whose crossover is lower runs plain dense convolutions: no gate, no state
+BACKOFF_LIMIT = 16  # at most this many plain frames after a frame that needed the dense recompute
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -153,6 +156,21 @@ def build_plan(layer: SkipConv2d, in_hw: tuple[int, int], out_hw: tuple[int, int
 
 
 @dataclass
+class NativeMaps:
+    """One-byte and one-channel maps of the C++ step, reused every frame, and its index tables."""
+
+    gate: torch.Tensor  # uint8 [N, Hb, Wb]: the gate per block of the last frame
+    mark: torch.Tensor  # uint8 [N, H_out, W_out]: 0 untouched, 1 recomputed, 2 recomputed and written
+    r_abs: torch.Tensor  # float [N, H, W]: |x - x_ref| summed over channels
+    owned: torch.Tensor  # uint8 [N, H, W]: inputs that took their new value
+    row_owner: torch.Tensor
+    col_owner: torch.Tensor
+    tile_rows: torch.Tensor  # first output row of each execution tile
+    tile_cols: torch.Tensor
+    thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
+
+
+@dataclass
 class SparseState:
     x_pad: torch.Tensor
     x_ref: torch.Tensor  # the unpadded interior: a view into x_pad
@@ -160,13 +178,30 @@ class SparseState:
     plan: Plan
     crossover: float = 1.0  # fraction of active tiles above which the dense recompute is faster
     tuned: bool = False
-    residual: torch.Tensor | None = None  # scratch buffer reused every frame
+    residual: torch.Tensor | None = None  # scratch buffer reused every frame (PyTorch path)
+    maps: NativeMaps | None = None  # set when the C++ step runs this layer
+    # After a frame that needed the dense recompute, the next ``plain_left`` frames run the plain dense
+    # convolution with no gate; the state then refers to that frame's input and output (no copy) until a
+    # skip frame takes them back. ``backoff`` doubles while the layer stays busy (moving camera, scene cut).
+    backoff: int = 0
+    plain_left: int = 0
+    borrowed: tuple | None = None  # (input, its version, output, its version) of the last plain frame
+    plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
+
+    def __post_init__(self) -> None:
+        x = self.x_ref
+        self.input_key = (x.shape, x.dtype, x.device)
+        self.inference = self.z.is_inference()
 
     def matches(self, x: torch.Tensor) -> bool:
-        ref = self.x_ref
-        same = ref.shape == x.shape and ref.dtype == x.dtype and ref.device == x.device
+        same = self.input_key == (x.shape, x.dtype, x.device)
         # state made under inference_mode cannot be updated in place outside it: start afresh
-        return same and (not self.z.is_inference() or torch.is_inference_mode_enabled())
+        return same and (not self.inference or torch.is_inference_mode_enabled())
+
+    def go_plain(self) -> None:
+        """From now on plain dense convolutions: the reference input, output and maps are released."""
+        self.plain_forever = True
+        self.x_pad = self.x_ref = self.z = self.residual = self.maps = None  # type: ignore[assignment]
 
 
 def _pad(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +231,10 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         x_pad = x_pad.clone(memory_format=torch.channels_last)
     z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
-    layer._sparse_state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
+    state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
+    if native.supports(layer, x):
+        state.maps = native_maps(layer, plan, x)
+    layer._sparse_state = state
     layer._dense_bookkeeping(x, z)
     layer._backend_counters["dense_frames"] += x.shape[0]
     layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
@@ -205,10 +243,20 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
 
 def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     state = layer._sparse_state
-    counters = layer._backend_counters
     if not state.tuned:  # after the first dense frame, so that tuning runs on real data
         state.crossover = layer.crossover if layer.crossover is not None else crossover_for(layer, state)
         state.tuned = True
+        if layer.crossover is None and state.crossover < PLAIN_BELOW:
+            state.go_plain()
+    if state.plain_forever:
+        return plain_frame(layer, state, x, borrow=False)
+    if state.plain_left > 0:
+        state.plain_left -= 1
+        return plain_frame(layer, state, x)
+    if state.borrowed is not None and not take_back_borrowed(state):
+        return dense_frame(layer, x)  # someone wrote into the borrowed tensors: start afresh
+    if state.maps is not None:
+        return native_skip_frame(layer, state, x)
     plan = state.plan
     x_ref = state.x_ref
     # The residual goes into a buffer kept across frames: a fresh map-sized allocation per frame costs
@@ -237,15 +285,113 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         changed = support_sum((owned & (abs_sum > 0)).to(x.dtype), layer) > 0
         if count > state.crossover * plan.tiles_per_sample * x.shape[0]:
             torch.where(changed, _conv(layer, state.x_pad), state.z, out=state.z)
-            counters["dense_frames"] += x.shape[0]
-            counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
+            count_frame(layer, state, native.PATH_DENSE, count)
         else:
             recompute_tiles(layer, state, tiles, changed)
-            counters["sparse_frames"] += x.shape[0]
-            counters["tiles"] += count
-            counters["macs_run"] += count * plan.outputs_per_tile * macs_per_output_position(layer)
+            count_frame(layer, state, native.PATH_TILES, count)
     else:
-        counters["idle_frames"] += x.shape[0]
+        count_frame(layer, state, native.PATH_IDLE, 0)
+    return state.z.clone()
+
+
+def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) -> None:
+    """Backend counters of a skip frame, and the back-off after a frame that needed the dense recompute."""
+    counters, n, plan = layer._backend_counters, state.z.shape[0], state.plan
+    if path == native.PATH_DENSE:
+        counters["dense_frames"] += n
+        counters["macs_run"] += n * dense_macs(layer, plan)
+        if layer.crossover is None:  # a fixed crossover pins the path: no plain frames
+            state.backoff = min(BACKOFF_LIMIT, max(1, 2 * state.backoff))
+            state.plain_left = state.backoff
+    elif path == native.PATH_TILES:
+        counters["sparse_frames"] += n
+        counters["tiles"] += tiles
+        counters["macs_run"] += tiles * plan.outputs_per_tile * macs_per_output_position(layer)
+        state.backoff = 0
+    else:
+        counters["idle_frames"] += n
+        state.backoff = 0
+
+
+def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, borrow: bool = True) -> torch.Tensor:
+    """The plain dense convolution, with no gate; the state borrows this frame's input and output.
+
+    Nothing is copied: a skip frame copies them back into the state (``take_back_borrowed``) unless their
+    version counters show that someone wrote into them meanwhile.
+    """
+    out = layer._conv_forward(x, layer.weight, layer.bias)
+    if borrow and (x.is_inference() or out.is_inference()):  # no version counters: copy now
+        state.x_ref.copy_(x)
+        state.z.copy_(out)
+    elif borrow:
+        state.borrowed = (x, x._version, out, out._version)
+    layer._plain_bookkeeping(x, out)
+    layer._backend_counters["plain_frames"] += x.shape[0]
+    layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, state.plan)
+    return out
+
+
+def take_back_borrowed(state: SparseState) -> bool:
+    x, x_version, out, out_version = state.borrowed
+    state.borrowed = None
+    if x._version != x_version or out._version != out_version:
+        return False
+    state.x_ref.copy_(x)
+    state.z.copy_(out)
+    return True
+
+
+# -- the C++ step ---------------------------------------------------------------------------------------
+
+
+def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
+    n, _, h, w = x.shape
+    ho, wo = plan.out_hw
+    block = layer.block
+    rows, cols = layer._owner_tensors((h, w), (ho, wo), x.device)
+    byte = {"dtype": torch.uint8, "device": x.device}
+    return NativeMaps(
+        gate=torch.zeros((n, -(-ho // block), -(-wo // block)), **byte),
+        mark=torch.zeros((n, ho, wo), **byte),
+        r_abs=torch.zeros((n, h, w), dtype=torch.float32, device=x.device),
+        owned=torch.zeros((n, h, w), **byte),
+        row_owner=rows,
+        col_owner=cols,
+        tile_rows=torch.tensor(plan.rows.starts, dtype=torch.long),
+        tile_cols=torch.tensor(plan.cols.starts, dtype=torch.long),
+    )
+
+
+def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
+    """Per-stream limits on the support norm of r: the gates of ``SkipConv2d._gate`` solved for it."""
+    scale = layer._in_scale if layer.gate_type == "input-norm" else layer._out_scale
+    cached = maps.thresholds
+    if cached is None or cached[0] != layer.threshold or cached[1] is not scale:
+        if layer.gate_type == "input-norm":
+            limits = layer.threshold * scale
+        else:  # output-norm: mean|W| * support > threshold * mean|z|
+            limits = layer.threshold * scale / layer.weight.detach().abs().mean().clamp_min(1e-30)
+        maps.thresholds = (layer.threshold, scale, limits.reshape(-1).float().contiguous())
+    return maps.thresholds[2]
+
+
+def native_step(
+    layer: SkipConv2d, state: SparseState, x: torch.Tensor, forced: torch.Tensor | None = None
+) -> tuple[int, int, int]:
+    maps, plan = state.maps, state.plan
+    return native.extension().skip_step(
+        x, state.x_pad, state.z, layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding,
+        layer.dilation, layer.groups, gate_limits(layer, maps), layer.block, maps.row_owner,
+        maps.col_owner, maps.tile_rows, maps.tile_cols, plan.tile, plan.rows.size, plan.cols.size,
+        state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced,
+    )  # fmt: skip
+
+
+def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous(memory_format=torch.channels_last)
+    tiles, computed, path = native_step(layer, state, x)
+    layer._native_bookkeeping(x, state.maps, computed)
+    count_frame(layer, state, path, tiles)
     return state.z.clone()
 
 
@@ -309,9 +455,11 @@ def dense_macs(layer: SkipConv2d, plan: Plan) -> int:
 
 
 def new_counters() -> dict:
-    """Per-layer counters of what the backend ran: frames per path (idle: nothing changed), tiles, MACs
-    with the halo."""
-    return {"sparse_frames": 0, "dense_frames": 0, "idle_frames": 0, "tiles": 0, "macs_run": 0}
+    """Per-layer counters of what the backend ran: frames per path (idle: nothing changed; plain: the dense
+    convolution without a gate), tiles, MACs with the halo."""
+    return {
+        "sparse_frames": 0, "dense_frames": 0, "idle_frames": 0, "plain_frames": 0, "tiles": 0, "macs_run": 0,
+    }  # fmt: skip
 
 
 # -- auto-tuning --------------------------------------------------------------------------------------
@@ -396,7 +544,9 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
 
     Recomputing tiles from ``x_pad`` rewrites ``z`` with the values it already holds, so timing on the
     live state is safe. Sparse time is close to affine in the number of tiles; the crossover is where the
-    interpolated sparse time meets ``TUNE_MARGIN`` x the dense time.
+    interpolated sparse time meets ``TUNE_MARGIN`` x the dense time. With the C++ step the gate's own cost
+    is timed too (it is paid on every skip frame): a layer whose gate costs about as much as its
+    convolution gets a crossover under ``PLAIN_BELOW`` and runs plain dense convolutions.
     """
     with torch.no_grad():
         plan, device = state.plan, state.x_pad.device
@@ -407,21 +557,31 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
         order = torch.randperm(total, generator=generator).to(device)
         per_sample = plan.tiles_per_sample
         tiles_x = len(plan.cols.starts)
+        x = state.x_ref.contiguous(memory_format=torch.channels_last)  # a still frame: nothing to update
         points = [(0.0, 0.0)]
-        for fraction in TUNE_FRACTIONS:
-            count = max(1, round(fraction * total))
+        if state.maps is not None:
+            points = [(0.0, _median_time(lambda: native_step(layer, state, x, order[:0]), device))]
+        for count in sorted({max(1, round(fraction * total)) for fraction in TUNE_FRACTIONS}):
             chosen = order[:count]
-            rest = chosen % per_sample
-            tiles = torch.stack([chosen // per_sample, rest // tiles_x, rest % tiles_x], 1)
-            seconds = _median_time(lambda t=tiles: recompute_tiles(layer, state, t), device)
+            if state.maps is not None:
+                seconds = _median_time(lambda c=chosen: native_step(layer, state, x, c), device)
+            else:
+                rest = chosen % per_sample
+                tiles = torch.stack([chosen // per_sample, rest // tiles_x, rest % tiles_x], 1)
+                seconds = _median_time(lambda t=tiles: recompute_tiles(layer, state, t), device)
             points.append((count / total, seconds))
-    budget = TUNE_MARGIN * dense
+    budget = TUNE_MARGIN * (dense + points[0][1])  # the dense recompute pays the gate too
+    if points[0][1] >= TUNE_MARGIN * dense:  # the gate alone costs the convolution
+        return 0.0
     if points[1][1] > budget:  # slower than dense even at the first fraction: interpolate from zero
-        return max(0.0, points[1][0] * budget / points[1][1])
+        f1, t1 = points[1]
+        return max(0.0, f1 * (budget - points[0][1]) / max(t1 - points[0][1], 1e-12))
     for (f0, t0), (f1, t1) in zip(points[1:], points[2:], strict=False):
         if t1 > budget:
             return f0 + (f1 - f0) * (budget - t0) / (t1 - t0)
     f_last, t_last = points[-1]
     f_prev, t_prev = points[-2]
+    if f_last >= 1.0:
+        return 1.0
     slope = (t_last - t_prev) / (f_last - f_prev)
     return 1.0 if slope <= 0 else min(1.0, f_last + (budget - t_last) / slope)

@@ -1,0 +1,81 @@
+"""The sparse backend's CPU kernel: one C++ call per layer and frame (``skip_step.cpp``).
+
+Why native code: with the pure-PyTorch tile path, a layer's frame took ~40 small tensor operations (residual,
+|r| channel sum, box filter, block max, owner mapping, footprint, index arithmetic, gather, scatter). At a few
+microseconds of dispatch each, that upkeep cost more than oneDNN's whole dense convolution of the small and
+depthwise layers that fill mobile networks, so skipping lost even where most of the map was still. The C++
+step walks each map once for the residual norm, works on one-byte maps for the gate and the footprint, copies
+contiguous channels_last rows for the reference update, the gather and the write-back, and leaves the
+convolution itself to oneDNN (``at::conv2d`` on the stack of tiles).
+
+The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about
+a minute, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover
+(CUDA, float64, non-zero padding modes, the Gumbel gate), the layer runs the pure-PyTorch tile path of
+``sparse.py``; ``SKIPCONV_NATIVE=0`` forces that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("skip_step.cpp")
+PATH_IDLE, PATH_TILES, PATH_DENSE, PATH_FORCED = 0, 1, 2, 3
+
+
+@functools.cache
+def extension() -> Any | None:
+    """The compiled kernel module, or None where it cannot be built (then the PyTorch path runs)."""
+    if os.environ.get("SKIPCONV_NATIVE", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+
+        # the source's hash in the name: an edited kernel is rebuilt, never mixed up with an old build
+        digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+        return load(
+            name=f"skipconv_skip_step_{digest}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers, no ninja: the PyTorch path still works
+        warnings.warn(
+            f"skipconv: the native CPU kernel could not be built ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); using the slower PyTorch tile path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with ninja; the ``ninja`` package ships the binary, which may not be on PATH (a venv
+    that was never activated)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = str(ninja.BIN_DIR)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernel covers this layer and input (else the PyTorch tile path runs)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.padding_mode == "zeros"
+        and layer.gate_type != "gumbel"
+        and extension() is not None
+    )

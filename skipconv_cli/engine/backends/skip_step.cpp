@@ -1,0 +1,249 @@
+// One Skip-Conv frame of one layer on the CPU, in a single call: residual norm, gate, reference update,
+// gather of the active tiles, one batched oneDNN convolution, write-back. See native.py for the why.
+//
+// Layout: every map is channels_last (a pixel is C contiguous floats), so the residual, the reference
+// update, the gather and the write-back are all contiguous row copies. The state keeps the reference input
+// padded (x_pad, zero borders) and the output z = W * x_ref + b.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Rows handed to one thread at least: below this a map is walked serially (thread start-up costs more).
+constexpr int64_t kGrainElements = 1 << 14;
+
+int64_t grain_rows(int64_t elements_per_row) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
+}
+
+struct Geometry {
+  int64_t n, c, h, w, hp, wp, co, ho, wo;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// support[oy, ox] = sum of the one-channel map over the kernel taps of output (oy, ox) (zero padding).
+template <typename T, typename Acc>
+inline Acc support_at(const T* map, const Geometry& g, int64_t oy, int64_t ox) {
+  Acc total = 0;
+  const int64_t y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t y = y0 + ky * g.dh;
+    if (y < 0 || y >= g.h) continue;
+    const T* row = map + y * g.w;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t x = x0 + kx * g.dw;
+      if (x >= 0 && x < g.w) total += row[x];
+    }
+  }
+  return total;
+}
+
+template <typename T>
+inline T max_at(const T* map, const Geometry& g, int64_t oy, int64_t ox) {
+  T best = 0;
+  const int64_t y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t y = y0 + ky * g.dh;
+    if (y < 0 || y >= g.h) continue;
+    const T* row = map + y * g.w;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t x = x0 + kx * g.dw;
+      if (x >= 0 && x < g.w && row[x] > best) best = row[x];
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+// Returns {active tiles, computed outputs, path} where path is 0 idle, 1 tiles, 2 dense recompute, 3 forced
+// (timing only: the given tiles are recomputed and written whole; the reference is not touched).
+//
+// gate (uint8 [N, Hb, Wb]) receives the gate per block, mark (uint8 [N, Ho, Wo]) per output: 0 untouched,
+// 1 in the footprint of an updated input, 2 the same with a changed input under its support (only those
+// are written: elsewhere a recomputation would only add rounding noise).
+std::vector<int64_t> skip_step(
+    const at::Tensor& x, at::Tensor& x_pad, at::Tensor& z, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& thresholds,
+    int64_t block, const at::Tensor& row_owner, const at::Tensor& col_owner, const at::Tensor& tile_rows,
+    const at::Tensor& tile_cols, int64_t tile, int64_t tile_h, int64_t tile_w, double crossover,
+    at::Tensor& gate, at::Tensor& mark, at::Tensor& r_abs, at::Tensor& owned,
+    const c10::optional<at::Tensor>& forced_tiles) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "skip_step: x must be float32 channels_last");
+  TORCH_CHECK(x_pad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  z.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "skip_step: state must be channels_last");
+  Geometry g{x.size(0),      x.size(1),    x.size(2),   x.size(3),   x_pad.size(2), x_pad.size(3),
+             z.size(1),      z.size(2),    z.size(3),   kernel[0],   kernel[1],     stride[0],
+             stride[1],      padding[0],   padding[1],  dilation[0], dilation[1]};
+  const int64_t hb = gate.size(1), wb = gate.size(2);
+  const int64_t ty_count = tile_rows.size(0), tx_count = tile_cols.size(0);
+  const int64_t blocks_per_tile = tile / block;
+  const float* xd = x.data_ptr<float>();
+  float* pad = x_pad.data_ptr<float>();
+  float* zd = z.data_ptr<float>();
+  float* rd = r_abs.data_ptr<float>();
+  uint8_t* gd = gate.data_ptr<uint8_t>();
+  uint8_t* md = mark.data_ptr<uint8_t>();
+  uint8_t* od = owned.data_ptr<uint8_t>();
+  const float* thr = thresholds.data_ptr<float>();
+  const int64_t* rown = row_owner.data_ptr<int64_t>();
+  const int64_t* cown = col_owner.data_ptr<int64_t>();
+  const int64_t* trow = tile_rows.data_ptr<int64_t>();
+  const int64_t* tcol = tile_cols.data_ptr<int64_t>();
+  const int64_t C = g.c, Co = g.co;
+  const int64_t patch_h = (tile_h - 1) * g.sh + g.dh * (g.kh - 1) + 1;
+  const int64_t patch_w = (tile_w - 1) * g.sw + g.dw * (g.kw - 1) + 1;
+  auto pad_pixel = [&](int64_t n, int64_t y, int64_t xx) {
+    return pad + ((n * g.hp + y) * g.wp + xx) * C;
+  };
+
+  std::vector<int64_t> tiles;  // flat (n, ty, tx) of the tiles to recompute
+  const bool forced = forced_tiles.has_value();
+  const int64_t path = forced ? 3 : 1;
+  // 1. per input pixel: |x - x_ref| summed over channels
+  at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.h, y = row % g.h;
+      const float* xr = xd + row * g.w * C;
+      const float* rr = pad_pixel(n, y + g.ph, g.pw);
+      float* out = rd + row * g.w;
+      for (int64_t xx = 0; xx < g.w; ++xx) {
+        float total = 0.f;
+        const float* a = xr + xx * C;
+        const float* b = rr + xx * C;
+#pragma omp simd reduction(+ : total)
+        for (int64_t ch = 0; ch < C; ++ch) total += std::fabs(a[ch] - b[ch]);
+        out[xx] = total;
+      }
+    }
+  });
+  // 2. gate per block: some output of the block has a support norm above its stream's threshold
+  std::memset(gd, 0, gate.numel());
+  at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), [&](int64_t begin, int64_t end) {
+    for (int64_t brow = begin; brow < end; ++brow) {
+      const int64_t n = brow / hb, by = brow % hb;
+      const float* map = rd + n * g.h * g.w;
+      uint8_t* grow = gd + brow * wb;
+      const double limit = thr[n];
+      for (int64_t oy = by * block; oy < std::min(g.ho, (by + 1) * block); ++oy) {
+        for (int64_t ox = 0; ox < g.wo; ++ox) {
+          if (grow[ox / block]) continue;  // the block is on already
+          if (support_at<float, double>(map, g, oy, ox) > limit) grow[ox / block] = 1;
+        }
+      }
+    }
+  });
+  if (forced) {
+    const int64_t* f = forced_tiles->data_ptr<int64_t>();
+    tiles.assign(f, f + forced_tiles->numel());
+  } else {
+    // 3. execution tiles holding an active block
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t ty = 0; ty < ty_count; ++ty) {
+        for (int64_t tx = 0; tx < tx_count; ++tx) {
+          bool on = false;
+          for (int64_t by = ty * blocks_per_tile; by < std::min(hb, (ty + 1) * blocks_per_tile) && !on; ++by)
+            for (int64_t bx = tx * blocks_per_tile; bx < std::min(wb, (tx + 1) * blocks_per_tile); ++bx)
+              if (gd[(n * hb + by) * wb + bx]) { on = true; break; }
+          if (on) tiles.push_back((n * ty_count + ty) * tx_count + tx);
+        }
+      }
+    }
+    if (tiles.empty()) {
+      std::memset(md, 0, mark.numel());
+      return {0, 0, 0};
+    }
+    // 4. the inputs owned by a gated output take their new value
+    at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.h, y = row % g.h;
+        const uint8_t* grow = gd + (n * hb + rown[y] / block) * wb;
+        const float* rr = rd + row * g.w;
+        uint8_t* orow = od + row * g.w;
+        for (int64_t xx = 0; xx < g.w; ++xx) {
+          if (!grow[cown[xx] / block]) {
+            orow[xx] = 0;
+          } else if (rr[xx] > 0.f) {
+            std::memcpy(pad_pixel(n, y + g.ph, xx + g.pw), xd + (row * g.w + xx) * C, C * sizeof(float));
+            orow[xx] = 2;
+          } else {
+            orow[xx] = 1;  // unchanged: nothing to copy, but its readers count as computed
+          }
+        }
+      }
+    });
+  }
+  // 5. which outputs are recomputed (footprint of the owned inputs) and which are written
+  // (when forced, from the last frame's owned map: the cost is what is timed, the result is unused)
+  const int64_t computed = at::parallel_reduce(
+        0, g.n * g.ho, grain_rows(g.wo * g.kh * g.kw), int64_t(0),
+        [&](int64_t begin, int64_t end, int64_t partial) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t n = row / g.ho, oy = row % g.ho;
+            const uint8_t* map = od + n * g.h * g.w;
+            uint8_t* mrow = md + row * g.wo;
+            for (int64_t ox = 0; ox < g.wo; ++ox) {
+              mrow[ox] = max_at<uint8_t>(map, g, oy, ox);
+              partial += mrow[ox] > 0;
+            }
+          }
+          return partial;
+        },
+        std::plus<int64_t>());
+  const int64_t count = static_cast<int64_t>(tiles.size());
+  auto write = [&](const float* values, int64_t n, int64_t oy, int64_t ox) {
+    if (path == 3 || md[(n * g.ho + oy) * g.wo + ox] == 2)
+      std::memcpy(zd + ((n * g.ho + oy) * g.wo + ox) * Co, values, Co * sizeof(float));
+  };
+  if (count == 0) return {0, computed, path};
+  if (!forced && count > crossover * g.n * ty_count * tx_count) {
+    // 6a. dense recompute: more tiles than the measured crossover
+    at::Tensor full = at::conv2d(x_pad, weight, bias, stride, at::IntArrayRef({0, 0}), dilation, groups)
+                          .contiguous(at::MemoryFormat::ChannelsLast);
+    const float* fd = full.data_ptr<float>();
+    at::parallel_for(0, g.n * g.ho, grain_rows(g.wo * Co), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        for (int64_t ox = 0; ox < g.wo; ++ox)
+          write(fd + (row * g.wo + ox) * Co, row / g.ho, row % g.ho, ox);
+    });
+    return {count, computed, 2};
+  }
+  // 6b. gather the tiles' input patches (with halo), one batched conv, write back
+  at::Tensor patches = at::empty({count, C, patch_h, patch_w},
+                                 x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  float* pd = patches.data_ptr<float>();
+  at::parallel_for(0, count * patch_h, grain_rows(patch_w * C), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / patch_h, i = item % patch_h;
+      const int64_t t = tiles[k];
+      const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
+      const float* src = pad_pixel(n, trow[ty] * g.sh + i, tcol[tx] * g.sw);
+      std::memcpy(pd + (k * patch_h + i) * patch_w * C, src, patch_w * C * sizeof(float));
+    }
+  });
+  at::Tensor out = at::conv2d(patches, weight, bias, stride, at::IntArrayRef({0, 0}), dilation, groups)
+                       .contiguous(at::MemoryFormat::ChannelsLast);
+  const float* outd = out.data_ptr<float>();
+  // serial: tiles may overlap, and overlapping outputs must be written in one order (deterministic)
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t t = tiles[k];
+    const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
+    for (int64_t i = 0; i < tile_h; ++i)
+      for (int64_t j = 0; j < tile_w; ++j)
+        write(outd + ((k * tile_h + i) * tile_w + j) * Co, n, trow[ty] + i, tcol[tx] + j);
+  }
+  return {count, computed, path};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skip_step", &skip_step, "One Skip-Conv frame of one layer (CPU, channels_last float32)");
+}
