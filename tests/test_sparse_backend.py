@@ -142,7 +142,9 @@ def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stre
 
 def test_backoff_runs_plain_frames_after_a_busy_frame_and_takes_the_state_back() -> None:
     """A busy frame (dense recompute) is followed by plain frames that borrow their tensors; the next skip
-    frame copies them back, unless someone wrote into them (then it starts afresh with a dense frame)."""
+    frame copies them back, unless someone wrote into them (then it starts afresh with a dense frame).
+    A layer's output is its state until its next frame (a model made by convert() copies its own outputs),
+    so the test keeps copies."""
     layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
     layer.eval()
     layer.crossover = None
@@ -155,13 +157,13 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_takes_the_state_back()
         layer(frames[0])
         state = layer._sparse_state
         state.tuned, state.crossover = True, 0.5  # pin a crossover without pinning the path
-        busy = layer(frames[1])  # every pixel changed: the dense recompute, then a back-off
+        busy = layer(frames[1]).clone()  # every pixel changed: the dense recompute, then a back-off
         assert state.plain_left == 1 and layer.backend_stats()["dense_frames"] == 2
-        plain = layer(frames[2])
+        plain = layer(frames[2]).clone()
         assert layer.backend_stats()["plain_frames"] == 1 and state.borrowed is not None
         still = frames[2].clone()
         still[..., :4, :4] += 1.0  # a small change: tiles, from the borrowed state
-        local = layer(still)
+        local = layer(still).clone()
         assert state.borrowed is None and layer.backend_stats()["sparse_frames"] == 1
         for got, x in ((busy, frames[1]), (plain, frames[2]), (local, still)):
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
@@ -197,6 +199,31 @@ def test_downstream_inplace_ops_do_not_corrupt_the_state(video_stream: torch.Ten
     # resnet-basic ends its blocks with in-place adds and ReLUs on the conv outputs
     _, _, worst, scale, _ = run_both(build("resnet-basic"), video_stream[:8], threshold=0.0, block=2)
     assert worst <= 1e-4 * scale
+
+
+def test_outputs_handed_out_are_checked_and_model_outputs_are_copies(video_stream: torch.Tensor) -> None:
+    """Layers hand out their state without a copy; a write into it is repaired (z recomputed from the
+    reference input) and the layer hands out copies from then on; a model's own outputs are copies the
+    caller may keep; convert() turns in-place activation modules out-of-place."""
+    head = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(8, 4, 1)
+    )
+    model = sc.convert(head, threshold=0.0, block=2, backend="sparse")
+    for _, layer in sc.engine.skip_layers(model):
+        layer.crossover = 1.0
+    with torch.no_grad():
+        kept = [model(frame) for frame in video_stream[:6]]
+        for got, frame in zip(kept, video_stream[:6], strict=True):
+            torch.testing.assert_close(got, head(frame), rtol=1e-5, atol=1e-5)
+        first = model[0]
+        out = first(video_stream[6])
+        assert out.data_ptr() == first._sparse_state.z.data_ptr(), "an inner output is the state itself"
+        out.mul_(0.0)  # a downstream in-place op
+        again = first(video_stream[7])
+        assert first.copy_outputs, "after a write into its output the layer hands out copies"
+        assert again.data_ptr() != first._sparse_state.z.data_ptr()
+        torch.testing.assert_close(again, head[0](video_stream[7]), rtol=1e-5, atol=1e-5)
+    assert all(not m.inplace for m in model.modules() if hasattr(m, "inplace"))
 
 
 def test_gradients_and_lossy_reference_use_the_reference_path() -> None:

@@ -66,7 +66,25 @@ def convert(
         _set_submodule(model, name, layer)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
+    for module in model.modules():
+        if isinstance(getattr(module, "inplace", None), bool):  # nn.ReLU(inplace=True) and the like
+            module.inplace = False  # (the sparse backend's layers hand out their state: see hand_out)
+    model.register_forward_hook(_copy_state_outputs)
     return model
+
+
+def _copy_state_outputs(module: nn.Module, args: tuple, output: object) -> object:
+    """A Skip-Conv layer hands out its state as its output (valid until its next frame); where such a
+    tensor is the model's own output, the caller gets a copy it may keep across frames."""
+    if isinstance(output, torch.Tensor):
+        return output.clone() if getattr(output, "skipconv_state", False) else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a named tuple
+        return type(output)(*(_copy_state_outputs(module, args, item) for item in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_copy_state_outputs(module, args, item) for item in output)
+    if isinstance(output, dict):
+        return {key: _copy_state_outputs(module, args, value) for key, value in output.items()}
+    return output
 
 
 def fold_batchnorms(model: nn.Module) -> nn.Module:

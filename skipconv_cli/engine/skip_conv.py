@@ -137,6 +137,8 @@ class SkipConv2d(nn.Conv2d):
         self._backend = backend
         # sparse backend: fraction of active tiles above which the dense recompute runs (None: measured)
         self.crossover: float | None = None
+        # sparse backend: hand out copies of the output (set once a downstream op wrote into it)
+        self.copy_outputs = False
         self.gate = make_gumbel_gate(self).to(device=device, dtype=dtype) if gate == "gumbel" else None
         self.reset()
         self.reset_stats()

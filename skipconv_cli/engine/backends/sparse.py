@@ -187,6 +187,7 @@ class SparseState:
     plain_left: int = 0
     borrowed: tuple | None = None  # (input, its version, output, its version) of the last plain frame
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
+    z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
 
     def __post_init__(self) -> None:
         x = self.x_ref
@@ -231,6 +232,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         x_pad = x_pad.clone(memory_format=torch.channels_last)
     z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
+    z.skipconv_state = True  # marks the state for ``is_state``
     state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
@@ -238,7 +240,29 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     layer._dense_bookkeeping(x, z)
     layer._backend_counters["dense_frames"] += x.shape[0]
     layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
-    return z.clone()
+    return hand_out(layer, state)
+
+
+def hand_out(layer: SkipConv2d, state: SparseState) -> torch.Tensor:
+    """The layer's output is its state ``z`` itself, valid until the layer's next frame: a map-sized copy
+    per layer and frame cost more than a whole depthwise convolution. A downstream op that writes into it
+    bumps its version counter; the next frame then repairs ``z`` and the layer hands out copies from then
+    on. (``convert`` turns in-place activation modules out-of-place and copies a model's own outputs when
+    they are state, so a caller never holds one across frames.) Inference tensors have no version
+    counter: they are always copied.
+    """
+    if layer.copy_outputs or state.z.is_inference():
+        return state.z.clone()
+    state.z_version = state.z._version
+    return state.z
+
+
+def repair_output(layer: SkipConv2d, state: SparseState) -> None:
+    """``z`` was written into downstream: recompute it from the intact reference input (the invariant
+    ``z = W * x_ref + b`` and the pending change survive), and hand out copies from now on."""
+    state.z.copy_(_conv(layer, state.x_pad))
+    layer.copy_outputs = True
+    layer._backend_counters["macs_run"] += state.z.shape[0] * dense_macs(layer, state.plan)
 
 
 def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -253,8 +277,11 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     if state.plain_left > 0:
         state.plain_left -= 1
         return plain_frame(layer, state, x)
-    if state.borrowed is not None and not take_back_borrowed(state):
-        return dense_frame(layer, x)  # someone wrote into the borrowed tensors: start afresh
+    if state.borrowed is not None:
+        if not take_back_borrowed(state):
+            return dense_frame(layer, x)  # someone wrote into the borrowed tensors: start afresh
+    elif state.z_version is not None and state.z._version != state.z_version:
+        repair_output(layer, state)
     if state.maps is not None:
         return native_skip_frame(layer, state, x)
     plan = state.plan
@@ -291,7 +318,7 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
             count_frame(layer, state, native.PATH_TILES, count)
     else:
         count_frame(layer, state, native.PATH_IDLE, 0)
-    return state.z.clone()
+    return hand_out(layer, state)
 
 
 def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) -> None:
@@ -392,7 +419,7 @@ def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) ->
     tiles, computed, path = native_step(layer, state, x)
     layer._native_bookkeeping(x, state.maps, computed)
     count_frame(layer, state, path, tiles)
-    return state.z.clone()
+    return hand_out(layer, state)
 
 
 def update_reference(layer: SkipConv2d, state: SparseState, x: torch.Tensor, owned: torch.Tensor) -> None:
