@@ -153,7 +153,7 @@ def report(model: nn.Module) -> dict:
     layers = []
     frames = 0
     for name, layer in _require_skip_layers(model):
-        frames = max(frames, layer.stats_frames)
+        frames = max(frames, layer.frames_seen)
         layers.append({"name": name, **layer.layer_stats()})
     dense = sum(entry["macs_dense"] for entry in layers)
     executed = sum(entry["macs_executed"] for entry in layers)

@@ -31,6 +31,15 @@ from skipconv_cli.engine.macs import conv_macs, gumbel_gate_macs, macs_per_outpu
 
 REFERENCES = ("pending", "previous")
 _EPS = 1e-12
+# Set on every frame: stored as plain attributes. nn.Module.__setattr__ runs ~8 isinstance checks per
+# assignment, which made a plain dense frame of a small layer cost 4x its convolution (86 us vs 21 us).
+_FRAME_ATTRIBUTES = frozenset(
+    {
+        "stats_frames", "stats_dense_frames", "stats_outputs_total", "stats_gate_macs", "_computed_outputs",
+        "_computed_counted", "_frames_since_dense", "_last_source", "_last_computed", "_last_gate",
+        "_out_hw", "_x_ref", "_z", "_in_scale", "_out_scale", "last_computed", "last_gate", "_plain_frames",
+    }
+)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
@@ -192,6 +201,12 @@ class SkipConv2d(nn.Conv2d):
             self._backend = name
             self.reset()  # the backends keep their state in different layouts
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FRAME_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- stream state ---------------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -245,22 +260,29 @@ class SkipConv2d(nn.Conv2d):
         self.stats_outputs_total = 0
         self._computed_outputs = torch.zeros((), dtype=torch.long)
         self._computed_counted = 0  # outputs counted on the host (C++ step)
+        self._plain_frames = 0  # frames (x streams) of plain dense convolutions, counted as dense
         self.stats_gate_macs = 0
         self._backend_counters = sparse.new_counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._sparse_state
+        if state is not None and state.plain_forever and not torch.is_grad_enabled() and state.matches(x):
+            return sparse.plain_frame(self, state, x)  # the short way: nothing else to do
         path = "sparse" if self._sparse_allowed(x) else "reference"
         if path != self._state_path:  # e.g. gradients switched on mid-stream: start afresh
             self.reset()
             self._state_path = path
         if path == "sparse":
-            with torch.no_grad():
-                if self._needs_dense(x):
-                    return sparse.dense_frame(self, x)
-                return sparse.skip_frame(self, x)
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    return self._sparse_frame(x)
+            return self._sparse_frame(x)
         if self._needs_dense(x):
             return self._dense_frame(x)
         return self._skip_frame(x)
+
+    def _sparse_frame(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse.dense_frame(self, x) if self._needs_dense(x) else sparse.skip_frame(self, x)
 
     def _sparse_allowed(self, x: torch.Tensor) -> bool:
         """The sparse backend writes its state in place and drops gradients: inference only."""
@@ -268,8 +290,9 @@ class SkipConv2d(nn.Conv2d):
             return False
         if self.gate_type == "gumbel" and self.training:
             return False
-        grads = x.requires_grad or any(p.requires_grad for p in self.parameters())
-        return not (torch.is_grad_enabled() and grads)
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _needs_dense(self, x: torch.Tensor) -> bool:
         if self._state_path == "sparse":
@@ -294,11 +317,13 @@ class SkipConv2d(nn.Conv2d):
         """Scales, counters and overlays of a dense frame (shared by the backends)."""
         with torch.no_grad():
             n = x.shape[0]
-            self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
-            input_support = support_sum(channel_abs_sum(x.detach()), self)
-            self._in_scale = input_support.mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
+            if self.gate_type == "output-norm":  # each norm gate needs only its own scale
+                self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
+            elif self.gate_type == "input-norm":
+                input_support = support_sum(channel_abs_sum(x.detach()), self)
+                self._in_scale = input_support.mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
             self._frames_since_dense = 1
-            self.last_computed = torch.ones((n, 1, *z.shape[-2:]), dtype=torch.bool, device=z.device)
+            self._last_source = ("dense", (n, tuple(z.shape[-2:]), z.device))
             self._count(n, z.shape[-2:], computed=None, gate_macs=0)
 
     def _skip_frame(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,12 +344,12 @@ class SkipConv2d(nn.Conv2d):
             self._skip_bookkeeping(x, owned, z.shape[-2:])
         return z
 
-    def _plain_bookkeeping(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        """A plain dense frame (sparse backend): counted as dense, scales kept from the last dense frame."""
-        n = x.shape[0]
+    def _plain_bookkeeping(self, n: int, dense_source: tuple) -> None:
+        """A plain dense frame (sparse backend): one counter, added in as dense frames by
+        ``layer_stats``; scales kept from the last dense frame. As lean as can be: it runs every frame."""
+        self._plain_frames += n
         self._frames_since_dense = 1
-        self._last_source = ("dense", (n, tuple(z.shape[-2:]), z.device))
-        self._count(n, z.shape[-2:], computed=None, gate_macs=0)
+        self._last_source = dense_source
 
     def _native_bookkeeping(self, x: torch.Tensor, maps, computed: int) -> None:
         """A frame of the C++ step: it counted the outputs it computed (the same footprint as below)."""
@@ -409,7 +434,7 @@ class SkipConv2d(nn.Conv2d):
         state = self._sparse_state
         if state is not None:
             maps = vars(state.maps).values() if state.maps is not None else ()
-            held = [*vars(state).values(), *maps, *(state.borrowed or ())]
+            held = [*vars(state).values(), *maps]
             tensors += [t for t in held if isinstance(t, torch.Tensor)]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
@@ -418,18 +443,26 @@ class SkipConv2d(nn.Conv2d):
 
     def layer_stats(self) -> dict:
         """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""
-        computed = int(self._computed_outputs) + self._computed_counted
-        per_frame_dense = conv_macs(self, self._out_hw) if self.stats_frames else 0
+        plain_outputs = self._plain_frames * self._out_hw[0] * self._out_hw[1] if self._plain_frames else 0
+        computed = int(self._computed_outputs) + self._computed_counted + plain_outputs
+        outputs_total = self.stats_outputs_total + plain_outputs
+        frames = self.frames_seen
+        per_frame_dense = conv_macs(self, self._out_hw) if frames else 0
         return {
             "kernel": list(self.kernel_size),
             "stride": list(self.stride),
             "groups": self.groups,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "macs_dense": per_frame_dense * self.stats_frames,
+            "macs_dense": per_frame_dense * frames,
             "macs_executed": computed * macs_per_output_position(self) + self.stats_gate_macs,
-            "active_fraction": computed / self.stats_outputs_total if self.stats_outputs_total else 0.0,
+            "active_fraction": computed / outputs_total if outputs_total else 0.0,
         }
+
+    @property
+    def frames_seen(self) -> int:
+        """Frames (times streams) since the last ``reset_stats()``, plain dense frames included."""
+        return self.stats_frames + self._plain_frames
 
     def backend_stats(self) -> dict:
         """What the sparse backend ran since ``reset_stats()``.
@@ -440,7 +473,11 @@ class SkipConv2d(nn.Conv2d):
         """
         state = self._sparse_state
         crossover = state.crossover if state is not None and state.tuned else None
-        return {**self._backend_counters, "crossover": crossover}
+        counters = dict(self._backend_counters)
+        if self._plain_frames:
+            counters["plain_frames"] += self._plain_frames
+            counters["macs_run"] += self._plain_frames * conv_macs(self, self._out_hw)
+        return {**counters, "crossover": crossover}
 
 
 def fold_batchnorm(

@@ -24,6 +24,7 @@ The layer returns a copy of ``z`` (channels_last), so a downstream in-place op c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.gates import channel_abs_sum, support_sum
-from skipconv_cli.engine.macs import macs_per_output_position
+from skipconv_cli.engine.macs import conv_macs, macs_per_output_position
 
 if TYPE_CHECKING:
     from skipconv_cli.engine.skip_conv import SkipConv2d
@@ -49,7 +50,7 @@ TUNE_FRACTIONS = (0.1, 0.3, 0.6)  # active-tile fractions timed by the auto-tune
 TUNE_MARGIN = 0.9  # run sparse only where it is predicted at least ~10% faster than dense
 TUNE_REPEATS = 3
 PLAIN_BELOW = 0.1  # a layer whose crossover is lower runs plain dense convolutions: no gate, no state
-BACKOFF_LIMIT = 16  # at most this many plain frames after a frame that needed the dense recompute
+BACKOFF_LIMIT = 64  # at most this many plain frames after a frame that needed the dense recompute
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ class Plan:
     in_cols: torch.Tensor  # [tiles_x, patch_w]
     out_row_offsets: torch.Tensor  # [tiles_y, size_h]: row * W_out
     out_cols: torch.Tensor  # [tiles_x, size_w]
+    tile_rows: torch.Tensor  # first output row of each tile (the C++ step's tables)
+    tile_cols: torch.Tensor
 
     @property
     def tiles_per_sample(self) -> int:
@@ -125,15 +128,20 @@ def execution_tile(layer: SkipConv2d) -> int:
 
 
 def build_plan(layer: SkipConv2d, in_hw: tuple[int, int], out_hw: tuple[int, int], device) -> Plan:
-    tile = execution_tile(layer)
+    """The layer's plan; layers of the same geometry share one (its tensors are only read)."""
+    geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, execution_tile(layer))
+    return _cached_plan(geometry, tuple(in_hw), tuple(out_hw), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(geometry: tuple, in_hw: tuple[int, int], out_hw: tuple[int, int], device) -> Plan:
+    kernel, stride, padding, dilation, tile = geometry
     axes = [
         axis_plan(n_in, n_out, k, s, p, d, tile)
-        for n_in, n_out, k, s, p, d in zip(
-            in_hw, out_hw, layer.kernel_size, layer.stride, layer.padding, layer.dilation, strict=True
-        )
+        for n_in, n_out, k, s, p, d in zip(in_hw, out_hw, kernel, stride, padding, dilation, strict=True)
     ]
     rows, cols = axes
-    padded_hw = (in_hw[0] + 2 * layer.padding[0], in_hw[1] + 2 * layer.padding[1])
+    padded_hw = (in_hw[0] + 2 * padding[0], in_hw[1] + 2 * padding[1])
 
     def table(axis: AxisPlan, length: int, step: int, scale: int) -> torch.Tensor:
         starts = torch.tensor(axis.starts, dtype=torch.long, device=device) * step
@@ -144,11 +152,13 @@ def build_plan(layer: SkipConv2d, in_hw: tuple[int, int], out_hw: tuple[int, int
         rows=rows,
         cols=cols,
         padded_hw=padded_hw,
-        out_hw=tuple(out_hw),
+        out_hw=out_hw,
         in_row_offsets=table(rows, rows.patch, rows.stride, padded_hw[1]),
         in_cols=table(cols, cols.patch, cols.stride, 1),
         out_row_offsets=table(rows, rows.size, 1, out_hw[1]),
         out_cols=table(cols, cols.size, 1, 1),
+        tile_rows=torch.tensor(rows.starts, dtype=torch.long),
+        tile_cols=torch.tensor(cols.starts, dtype=torch.long),
     )
 
 
@@ -165,8 +175,6 @@ class NativeMaps:
     owned: torch.Tensor  # uint8 [N, H, W]: inputs that took their new value
     row_owner: torch.Tensor
     col_owner: torch.Tensor
-    tile_rows: torch.Tensor  # first output row of each execution tile
-    tile_cols: torch.Tensor
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
 
 
@@ -181,18 +189,33 @@ class SparseState:
     residual: torch.Tensor | None = None  # scratch buffer reused every frame (PyTorch path)
     maps: NativeMaps | None = None  # set when the C++ step runs this layer
     # After a frame that needed the dense recompute, the next ``plain_left`` frames run the plain dense
-    # convolution with no gate; the state then refers to that frame's input and output (no copy) until a
-    # skip frame takes them back. ``backoff`` doubles while the layer stays busy (moving camera, scene cut).
+    # convolution with no gate and leave the state alone: it stays a valid state (z = W * x_ref + b), only
+    # older, so the next skip frame gates against it as usual, the change since then being pending.
+    # ``backoff`` doubles while the layer stays busy (moving camera, scene cut). (Keeping the plain frames'
+    # tensors to copy them into the state was measured slower: the allocator could no longer reuse their
+    # memory, and yolox-nano's elementwise ops ran ~20% slower.)
     backoff: int = 0
     plain_left: int = 0
-    borrowed: tuple | None = None  # (input, its version, output, its version) of the last plain frame
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
 
     def __post_init__(self) -> None:
-        x = self.x_ref
+        if self.x_ref is not None:
+            self.describe(self.x_ref, self.z)
+
+    def describe(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.input_key = (x.shape, x.dtype, x.device)
-        self.inference = self.z.is_inference()
+        self.inference = out.is_inference()
+        # what a plain frame leaves for the overlays: every output computed
+        self.dense_source = ("dense", (x.shape[0], tuple(out.shape[-2:]), x.device))
+
+    @classmethod
+    def plain(cls, x: torch.Tensor, out: torch.Tensor, crossover: float) -> SparseState:
+        """The state of a layer already tuned to plain dense convolutions: nothing but its input's shape."""
+        state = cls(x_pad=None, x_ref=None, z=None, plan=None, crossover=crossover, tuned=True)  # type: ignore[arg-type]
+        state.plain_forever = True
+        state.describe(x, out)
+        return state
 
     def matches(self, x: torch.Tensor) -> bool:
         same = self.input_key == (x.shape, x.dtype, x.device)
@@ -222,8 +245,25 @@ def _conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
 
 
+def channels_last_weight(layer: SkipConv2d) -> None:
+    """oneDNN reorders an NCHW weight on every call with a channels_last input: measured 3x slower convs
+    on yolox-nano. The whole sparse path is channels_last, so the weight is too (same values)."""
+    weight = layer.weight
+    if weight.dim() == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
+        weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+
+
 def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     """First frame of a stream (or a reset): everything computed, state laid out for gathering."""
+    channels_last_weight(layer)
+    known = _MEMORY_CACHE.get(memory_key(layer, x), 1.0) if layer.crossover is None else 1.0
+    if known < PLAIN_BELOW:  # tuned to plain convolutions before (an earlier stream): no state to lay out
+        out = layer._conv_forward(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias)
+        layer._sparse_state = SparseState.plain(x, out, known)
+        layer._dense_bookkeeping(x, out)
+        layer._backend_counters["dense_frames"] += x.shape[0]
+        layer._backend_counters["macs_run"] += x.shape[0] * conv_macs(layer, tuple(out.shape[-2:]))
+        return out
     x_pad = _pad(layer, x.detach()).contiguous(memory_format=torch.channels_last)
     if x_pad.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         # no padding and already channels_last: x_pad would alias x, which the caller still owns and
@@ -273,14 +313,11 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         if layer.crossover is None and state.crossover < PLAIN_BELOW:
             state.go_plain()
     if state.plain_forever:
-        return plain_frame(layer, state, x, borrow=False)
+        return plain_frame(layer, state, x)
     if state.plain_left > 0:
         state.plain_left -= 1
         return plain_frame(layer, state, x)
-    if state.borrowed is not None:
-        if not take_back_borrowed(state):
-            return dense_frame(layer, x)  # someone wrote into the borrowed tensors: start afresh
-    elif state.z_version is not None and state.z._version != state.z_version:
+    if state.z_version is not None and state.z._version != state.z_version:
         repair_output(layer, state)
     if state.maps is not None:
         return native_skip_frame(layer, state, x)
@@ -328,7 +365,7 @@ def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) ->
         counters["dense_frames"] += n
         counters["macs_run"] += n * dense_macs(layer, plan)
         if layer.crossover is None:  # a fixed crossover pins the path: no plain frames
-            state.backoff = min(BACKOFF_LIMIT, max(1, 2 * state.backoff))
+            state.backoff = min(BACKOFF_LIMIT, max(2, 2 * state.backoff))
             state.plain_left = state.backoff
     elif path == native.PATH_TILES:
         counters["sparse_frames"] += n
@@ -340,32 +377,12 @@ def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) ->
         state.backoff = 0
 
 
-def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, borrow: bool = True) -> torch.Tensor:
-    """The plain dense convolution, with no gate; the state borrows this frame's input and output.
-
-    Nothing is copied: a skip frame copies them back into the state (``take_back_borrowed``) unless their
-    version counters show that someone wrote into them meanwhile.
-    """
+def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+    """The plain dense convolution: no gate, the state left as it is (counted as a dense frame)."""
+    x = x.contiguous(memory_format=torch.channels_last)  # the layout of the whole sparse path
     out = layer._conv_forward(x, layer.weight, layer.bias)
-    if borrow and (x.is_inference() or out.is_inference()):  # no version counters: copy now
-        state.x_ref.copy_(x)
-        state.z.copy_(out)
-    elif borrow:
-        state.borrowed = (x, x._version, out, out._version)
-    layer._plain_bookkeeping(x, out)
-    layer._backend_counters["plain_frames"] += x.shape[0]
-    layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, state.plan)
+    layer._plain_bookkeeping(x.shape[0], state.dense_source)
     return out
-
-
-def take_back_borrowed(state: SparseState) -> bool:
-    x, x_version, out, out_version = state.borrowed
-    state.borrowed = None
-    if x._version != x_version or out._version != out_version:
-        return False
-    state.x_ref.copy_(x)
-    state.z.copy_(out)
-    return True
 
 
 # -- the C++ step ---------------------------------------------------------------------------------------
@@ -384,8 +401,6 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
         owned=torch.zeros((n, h, w), **byte),
         row_owner=rows,
         col_owner=cols,
-        tile_rows=torch.tensor(plan.rows.starts, dtype=torch.long),
-        tile_cols=torch.tensor(plan.cols.starts, dtype=torch.long),
     )
 
 
@@ -409,7 +424,7 @@ def native_step(
     return native.extension().skip_step(
         x, state.x_pad, state.z, layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding,
         layer.dilation, layer.groups, gate_limits(layer, maps), layer.block, maps.row_owner,
-        maps.col_owner, maps.tile_rows, maps.tile_cols, plan.tile, plan.rows.size, plan.cols.size,
+        maps.col_owner, plan.tile_rows, plan.tile_cols, plan.tile, plan.rows.size, plan.cols.size,
         state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced,
     )  # fmt: skip
 
@@ -494,15 +509,20 @@ def new_counters() -> dict:
 _MEMORY_CACHE: dict[str, float] = {}
 
 
-def tuning_key(layer: SkipConv2d, state: SparseState) -> str:
-    x = state.x_pad
+def tuning_key(layer: SkipConv2d, x: torch.Tensor) -> str:
+    """What the crossover depends on: device, dtype, streams, the layer's geometry, its padded input size."""
+    padded = (x.shape[-2] + 2 * layer.padding[0], x.shape[-1] + 2 * layer.padding[1])
     parts = [
         x.device.type, str(x.dtype).removeprefix("torch."), f"n{x.shape[0]}", f"c{layer.in_channels}",
         f"o{layer.out_channels}", f"g{layer.groups}", "k{}x{}".format(*layer.kernel_size),
-        "s{}x{}".format(*layer.stride), "d{}x{}".format(*layer.dilation), "in{}x{}".format(*x.shape[-2:]),
-        f"t{state.plan.tile}", f"b{int(layer.bias is not None)}",
+        "s{}x{}".format(*layer.stride), "d{}x{}".format(*layer.dilation), "in{}x{}".format(*padded),
+        f"t{execution_tile(layer)}", f"b{int(layer.bias is not None)}",
     ]  # fmt: skip
     return "-".join(parts)
+
+
+def memory_key(layer: SkipConv2d, x: torch.Tensor) -> str:
+    return f"{cache_file(x.device)}:{tuning_key(layer, x)}"
 
 
 def cache_file(device: torch.device) -> Path:
@@ -538,16 +558,16 @@ def _write_cache(path: Path, key: str, value: float) -> None:
 
 def crossover_for(layer: SkipConv2d, state: SparseState) -> float:
     """The layer's crossover fraction, from memory, the disk cache, or a fresh measurement."""
-    key = tuning_key(layer, state)
+    key = tuning_key(layer, state.x_ref)
     path = cache_file(state.x_pad.device)
-    memory_key = f"{path}:{key}"
-    if memory_key not in _MEMORY_CACHE:
+    in_memory = f"{path}:{key}"
+    if in_memory not in _MEMORY_CACHE:
         cached = _read_cache(path).get(key)
         if cached is None:
             cached = measure_crossover(layer, state)
             _write_cache(path, key, cached)
-        _MEMORY_CACHE[memory_key] = cached
-    return _MEMORY_CACHE[memory_key]
+        _MEMORY_CACHE[in_memory] = cached
+    return _MEMORY_CACHE[in_memory]
 
 
 def _median_time(fn, device: torch.device, repeats: int = TUNE_REPEATS) -> float:
