@@ -133,11 +133,11 @@ std::vector<int64_t> skip_step(
       const int64_t n = brow / hb, by = brow % hb;
       const float* map = rd + n * g.h * g.w;
       uint8_t* grow = gd + brow * wb;
-      const double limit = thr[n];
+      const float limit = thr[n];
       for (int64_t oy = by * block; oy < std::min(g.ho, (by + 1) * block); ++oy) {
         for (int64_t ox = 0; ox < g.wo; ++ox) {
           if (grow[ox / block]) continue;  // the block is on already
-          if (support_at<float, double>(map, g, oy, ox) > limit) grow[ox / block] = 1;
+          if (support_at<float, float>(map, g, oy, ox) > limit) grow[ox / block] = 1;
         }
       }
     }
