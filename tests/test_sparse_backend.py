@@ -4,6 +4,7 @@ gate and block size, and reports the same MACs; the per-layer dense fallback and
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -159,6 +160,7 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         outputs = [layer(frames[0]).clone()]
         state = layer._sparse_state
         state.tuned, state.crossover = True, 0.5  # pin a crossover without pinning the path
+        state.dense_seconds = math.inf  # and switch the time rule off: only dense recomputes are busy
         outputs.append(layer(frames[1]).clone())  # every pixel changed: dense recompute, back-off of 2
         assert state.plain_left == 2 and counts() == (2, 0, 0)
         outputs += [layer(frames[2]).clone(), layer(frames[3]).clone()]

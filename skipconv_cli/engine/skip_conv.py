@@ -266,8 +266,10 @@ class SkipConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._sparse_state
-        if state is not None and state.plain_forever and not torch.is_grad_enabled() and state.matches(x):
-            return sparse.plain_frame(self, state, x)  # the short way: nothing else to do
+        if state is not None and state.tuned and not torch.is_grad_enabled() and state.matches(x):
+            plain = sparse.plain_frame_if_due(self, state, x)  # the short way: nothing else to do
+            if plain is not None:
+                return plain
         path = "sparse" if self._sparse_allowed(x) else "reference"
         if path != self._state_path:  # e.g. gradients switched on mid-stream: start afresh
             self.reset()

@@ -196,6 +196,7 @@ class SparseState:
     # memory, and yolox-nano's elementwise ops ran ~20% slower.)
     backoff: int = 0
     plain_left: int = 0
+    dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
 
@@ -308,19 +309,49 @@ def repair_output(layer: SkipConv2d, state: SparseState) -> None:
 def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     state = layer._sparse_state
     if not state.tuned:  # after the first dense frame, so that tuning runs on real data
-        state.crossover = layer.crossover if layer.crossover is not None else crossover_for(layer, state)
-        state.tuned = True
-        if layer.crossover is None and state.crossover < PLAIN_BELOW:
-            state.go_plain()
-    if state.plain_forever:
-        return plain_frame(layer, state, x)
-    if state.plain_left > 0:
-        state.plain_left -= 1
-        return plain_frame(layer, state, x)
+        tune(layer, state)
+    plain = plain_frame_if_due(layer, state, x)
+    if plain is not None:
+        return plain
     if state.z_version is not None and state.z._version != state.z_version:
         repair_output(layer, state)
+    started = time.perf_counter()
     if state.maps is not None:
-        return native_skip_frame(layer, state, x)
+        out, path = native_skip_frame(layer, state, x)
+    else:
+        out, path = torch_skip_frame(layer, state, x)
+    judge(layer, state, path, time.perf_counter() - started)
+    return out
+
+
+def tune(layer: SkipConv2d, state: SparseState) -> None:
+    state.crossover = layer.crossover if layer.crossover is not None else crossover_for(layer, state)
+    state.tuned = True
+    if layer.crossover is not None:
+        return  # a fixed crossover pins the path: no plain frames, nothing timed
+    if state.crossover < PLAIN_BELOW:
+        state.go_plain()
+    elif state.x_pad.device.type == "cpu":
+        state.dense_seconds = _median_time(lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1)
+
+
+def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float) -> None:
+    """Backs off to plain frames after a busy frame: one that needed the dense recompute or, on the CPU,
+    took longer than the plain convolution takes (measured at tuning and on plain frames). The time rule
+    also catches what the tuned crossover got wrong: it was measured once, on a machine that may have
+    been busy then. Back-off doubles while the layer stays busy and starts over after a cheap frame."""
+    if layer.crossover is not None:  # a fixed crossover pins the path: no plain frames
+        return
+    too_slow = state.dense_seconds is not None and seconds > state.dense_seconds
+    if path == native.PATH_DENSE or too_slow:
+        state.backoff = min(BACKOFF_LIMIT, max(2, 2 * state.backoff))
+        state.plain_left = state.backoff
+    else:
+        state.backoff = 0
+
+
+def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The skip frame in PyTorch ops (any device): residual, gate, owned inputs, tiles or dense recompute."""
     plan = state.plan
     x_ref = state.x_ref
     # The residual goes into a buffer kept across frames: a fresh map-sized allocation per frame costs
@@ -349,38 +380,52 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         changed = support_sum((owned & (abs_sum > 0)).to(x.dtype), layer) > 0
         if count > state.crossover * plan.tiles_per_sample * x.shape[0]:
             torch.where(changed, _conv(layer, state.x_pad), state.z, out=state.z)
-            count_frame(layer, state, native.PATH_DENSE, count)
+            path = native.PATH_DENSE
         else:
             recompute_tiles(layer, state, tiles, changed)
-            count_frame(layer, state, native.PATH_TILES, count)
+            path = native.PATH_TILES
     else:
-        count_frame(layer, state, native.PATH_IDLE, 0)
-    return hand_out(layer, state)
+        path = native.PATH_IDLE
+    count_frame(layer, state, path, count)
+    return hand_out(layer, state), path
 
 
 def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) -> None:
-    """Backend counters of a skip frame, and the back-off after a frame that needed the dense recompute."""
+    """Backend counters of a skip frame."""
     counters, n, plan = layer._backend_counters, state.z.shape[0], state.plan
     if path == native.PATH_DENSE:
         counters["dense_frames"] += n
         counters["macs_run"] += n * dense_macs(layer, plan)
-        if layer.crossover is None:  # a fixed crossover pins the path: no plain frames
-            state.backoff = min(BACKOFF_LIMIT, max(2, 2 * state.backoff))
-            state.plain_left = state.backoff
     elif path == native.PATH_TILES:
         counters["sparse_frames"] += n
         counters["tiles"] += tiles
         counters["macs_run"] += tiles * plan.outputs_per_tile * macs_per_output_position(layer)
-        state.backoff = 0
     else:
         counters["idle_frames"] += n
-        state.backoff = 0
 
 
-def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor | None:
+    """A plain frame when the layer is tuned plain or backing off, else None (``SkipConv2d.forward``
+    calls this first: plain frames should cost what an ``nn.Conv2d`` call costs)."""
+    if state.plain_forever:
+        return plain_frame(layer, state, x)
+    if state.plain_left > 0:
+        state.plain_left -= 1
+        return plain_frame(layer, state, x, timed=True)
+    return None
+
+
+def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, timed: bool = False) -> torch.Tensor:
     """The plain dense convolution: no gate, the state left as it is (counted as a dense frame)."""
     x = x.contiguous(memory_format=torch.channels_last)  # the layout of the whole sparse path
-    out = layer._conv_forward(x, layer.weight, layer.bias)
+    if not timed:
+        out = layer._conv_forward(x, layer.weight, layer.bias)
+    else:  # keeps the estimate that ``judge`` compares skip frames with up to date
+        started = time.perf_counter()
+        out = layer._conv_forward(x, layer.weight, layer.bias)
+        seconds = time.perf_counter() - started
+        previous = state.dense_seconds
+        state.dense_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
     layer._plain_bookkeeping(x.shape[0], state.dense_source)
     return out
 
@@ -429,12 +474,12 @@ def native_step(
     )  # fmt: skip
 
 
-def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     x = x.contiguous(memory_format=torch.channels_last)
     tiles, computed, path = native_step(layer, state, x)
     layer._native_bookkeeping(x, state.maps, computed)
     count_frame(layer, state, path, tiles)
-    return hand_out(layer, state)
+    return hand_out(layer, state), path
 
 
 def update_reference(layer: SkipConv2d, state: SparseState, x: torch.Tensor, owned: torch.Tensor) -> None:
