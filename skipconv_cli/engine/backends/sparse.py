@@ -562,6 +562,7 @@ def tuning_key(layer: SkipConv2d, x: torch.Tensor) -> str:
         f"o{layer.out_channels}", f"g{layer.groups}", "k{}x{}".format(*layer.kernel_size),
         "s{}x{}".format(*layer.stride), "d{}x{}".format(*layer.dilation), "in{}x{}".format(*padded),
         f"t{execution_tile(layer)}", f"b{int(layer.bias is not None)}",
+        "native" if native.supports(layer, x) else "torch",  # the two paths cross over differently
     ]  # fmt: skip
     return "-".join(parts)
 
