@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.gates import channel_abs_sum, support_sum
-from skipconv_cli.engine.macs import conv_macs, macs_per_output_position
+from skipconv_cli.engine.macs import conv_macs, macs_per_output_position, norm_gate_macs
 
 if TYPE_CHECKING:
     from skipconv_cli.engine.skip_conv import SkipConv2d
@@ -175,6 +175,12 @@ class NativeMaps:
     owned: torch.Tensor  # uint8 [N, H, W]: inputs that took their new value
     row_owner: torch.Tensor
     col_owner: torch.Tensor
+    # the step's arguments that do not change from frame to frame, looked up once (a frame's Python
+    # overhead is paid by every layer: ~300 of them in HRNet-w32)
+    layer_args: tuple = ()  # weight, bias, kernel, stride, padding, dilation, groups
+    plan_args: tuple = ()  # block, owner tables, tile tables, tile sizes
+    gate_macs: int = 0  # per stream and frame
+    source: tuple = ()  # what last_gate / last_computed read: ("native", self)
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
 
 
@@ -439,14 +445,24 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
     block = layer.block
     rows, cols = layer._owner_tensors((h, w), (ho, wo), x.device)
     byte = {"dtype": torch.uint8, "device": x.device}
-    return NativeMaps(
+    maps = NativeMaps(
         gate=torch.zeros((n, -(-ho // block), -(-wo // block)), **byte),
         mark=torch.zeros((n, ho, wo), **byte),
         r_abs=torch.zeros((n, h, w), dtype=torch.float32, device=x.device),
         owned=torch.zeros((n, h, w), **byte),
         row_owner=rows,
         col_owner=cols,
-    )
+        layer_args=(
+            layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            layer.groups,
+        ),
+        plan_args=(
+            block, rows, cols, plan.tile_rows, plan.tile_cols, plan.tile, plan.rows.size, plan.cols.size
+        ),
+        gate_macs=norm_gate_macs(layer, (h, w), (ho, wo)),
+    )  # fmt: skip
+    maps.source = ("native", maps)
+    return maps
 
 
 def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
@@ -465,11 +481,9 @@ def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
 def native_step(
     layer: SkipConv2d, state: SparseState, x: torch.Tensor, forced: torch.Tensor | None = None
 ) -> tuple[int, int, int]:
-    maps, plan = state.maps, state.plan
+    maps = state.maps
     return native.extension().skip_step(
-        x, state.x_pad, state.z, layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding,
-        layer.dilation, layer.groups, gate_limits(layer, maps), layer.block, maps.row_owner,
-        maps.col_owner, plan.tile_rows, plan.tile_cols, plan.tile, plan.rows.size, plan.cols.size,
+        x, state.x_pad, state.z, *maps.layer_args, gate_limits(layer, maps), *maps.plan_args,
         state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced,
     )  # fmt: skip
 
@@ -477,7 +491,7 @@ def native_step(
 def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     x = x.contiguous(memory_format=torch.channels_last)
     tiles, computed, path = native_step(layer, state, x)
-    layer._native_bookkeeping(x, state.maps, computed)
+    layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles)
     return hand_out(layer, state), path
 
