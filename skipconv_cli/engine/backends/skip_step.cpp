@@ -27,10 +27,10 @@ struct Geometry {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// support[oy, ox] = sum of the one-channel map over the kernel taps of output (oy, ox) (zero padding).
-template <typename T, typename Acc>
-inline Acc support_at(const T* map, const Geometry& g, int64_t oy, int64_t ox) {
-  Acc total = 0;
+// Folds op over the one-channel map's values under the kernel taps of output (oy, ox) (zero padding: taps
+// outside the map are left out).
+template <typename T, typename Acc, typename Op>
+inline Acc fold_taps(const T* map, const Geometry& g, int64_t oy, int64_t ox, Acc init, Op op) {
   const int64_t y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     const int64_t y = y0 + ky * g.dh;
@@ -38,26 +38,20 @@ inline Acc support_at(const T* map, const Geometry& g, int64_t oy, int64_t ox) {
     const T* row = map + y * g.w;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
       const int64_t x = x0 + kx * g.dw;
-      if (x >= 0 && x < g.w) total += row[x];
+      if (x >= 0 && x < g.w) init = op(init, row[x]);
     }
   }
-  return total;
+  return init;
 }
 
-template <typename T>
-inline T max_at(const T* map, const Geometry& g, int64_t oy, int64_t ox) {
-  T best = 0;
-  const int64_t y0 = oy * g.sh - g.ph, x0 = ox * g.sw - g.pw;
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
-    const int64_t y = y0 + ky * g.dh;
-    if (y < 0 || y >= g.h) continue;
-    const T* row = map + y * g.w;
-    for (int64_t kx = 0; kx < g.kw; ++kx) {
-      const int64_t x = x0 + kx * g.dw;
-      if (x >= 0 && x < g.w && row[x] > best) best = row[x];
-    }
-  }
-  return best;
+// support[oy, ox]: the sum of the map over the taps of output (oy, ox)
+inline float support_at(const float* map, const Geometry& g, int64_t oy, int64_t ox) {
+  return fold_taps(map, g, oy, ox, 0.f, [](float a, float b) { return a + b; });
+}
+
+// the largest value under the taps of output (oy, ox)
+inline uint8_t max_at(const uint8_t* map, const Geometry& g, int64_t oy, int64_t ox) {
+  return fold_taps(map, g, oy, ox, uint8_t(0), [](uint8_t a, uint8_t b) { return a > b ? a : b; });
 }
 
 }  // namespace
@@ -137,7 +131,7 @@ std::vector<int64_t> skip_step(
       for (int64_t oy = by * block; oy < std::min(g.ho, (by + 1) * block); ++oy) {
         for (int64_t ox = 0; ox < g.wo; ++ox) {
           if (grow[ox / block]) continue;  // the block is on already
-          if (support_at<float, float>(map, g, oy, ox) > limit) grow[ox / block] = 1;
+          if (support_at(map, g, oy, ox) > limit) grow[ox / block] = 1;
         }
       }
     }
@@ -192,7 +186,7 @@ std::vector<int64_t> skip_step(
             const uint8_t* map = od + n * g.h * g.w;
             uint8_t* mrow = md + row * g.wo;
             for (int64_t ox = 0; ox < g.wo; ++ox) {
-              mrow[ox] = max_at<uint8_t>(map, g, oy, ox);
+              mrow[ox] = max_at(map, g, oy, ox);
               partial += mrow[ox] > 0;
             }
           }
