@@ -23,6 +23,13 @@ def test_profile_json_has_times_macs_and_layers(env: dict, tmp_path: Path) -> No
     assert data["realised"] == time_["speedup"] / data["macs"]["reduction"]
     layers = data["layers"]
     assert len(layers) == 113 and all(layer["dense_ms"] > 0 and layer["skip_ms"] > 0 for layer in layers)
+    for layer in layers:  # the path each layer ran most, and the frames behind it
+        path, share = layer["ran_as"].split()
+        counts = {k: layer["backend"][f"{k}_frames"] for k in ("sparse", "idle", "plain", "dense")}
+        assert sum(counts.values()) == 8, layer["name"]
+        assert counts["sparse" if path == "tiles" else path] == max(counts.values())
+        assert share == f"{100 * max(counts.values()) / 8:.0f}%"
+    assert data["dense_layout"] in ("nchw", "channels_last")
     assert data["memory"]["state_bytes_per_stream"] > 0 and data["memory"]["dense_peak_activation_bytes"] > 0
     assert "faster" in result.stdout and "of the MAC reduction realised" in result.stdout
 

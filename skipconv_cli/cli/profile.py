@@ -82,14 +82,14 @@ def profile(
 def print_profile(console: Console, result: dict, top: int) -> None:
     height, width = result["resolution"]
     table = Table(title=f"{result['model']} {height}x{width}: slowest dense layers")
-    for column in ("layer", "kernel", "groups", "GMAC dense", "active", "dense ms", "skip ms", "speedup"):
+    for column in ("layer", "kernel", "groups", "GMAC", "active", "ran as", "dense ms", "skip ms", "speedup"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in sorted(result["layers"], key=lambda entry: -entry["dense_ms"])[:top]:
         speed = layer["dense_ms"] / layer["skip_ms"] if layer["skip_ms"] else float("inf")
         table.add_row(
             layer["name"], "x".join(map(str, layer["kernel"])), str(layer["groups"]),
             f"{layer['macs_dense'] / result['frames'] / 1e9:.4f}", f"{100 * layer['active_fraction']:.1f}%",
-            f"{layer['dense_ms']:.2f}", f"{layer['skip_ms']:.2f}", f"{speed:.2f}x",
+            layer["ran_as"], f"{layer['dense_ms']:.2f}", f"{layer['skip_ms']:.2f}", f"{speed:.2f}x",
         )  # fmt: skip
     console.print(table)
     t, macs = result["time"], result["macs"]

@@ -266,8 +266,14 @@ class SkipConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._sparse_state
-        if state is not None and state.tuned and not torch.is_grad_enabled() and state.matches(x) and not (
-            self.training and self.gate is not None  # a Gumbel gate in training runs the reference path
+        if (
+            state is not None
+            and state.tuned
+            and not torch.is_grad_enabled()
+            and state.matches(x)
+            and not (
+                self.training and self.gate is not None  # a Gumbel gate in training runs the reference path
+            )
         ):
             plain = sparse.plain_frame_if_due(self, state, x)  # the short way: nothing else to do
             if plain is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipconv_cli.engine import SkipConv2d, fold_batchnorms, report, reset, reset_stats
+from skipconv_cli.engine import SkipConv2d, fold_batchnorms, report, reset, reset_stats, skip_layers
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.runner import SkipSettings, skip_model
 
@@ -129,6 +129,16 @@ def fastest_dense_layout(
     return dense.to(memory_format=torch.contiguous_format), "nchw"
 
 
+def ran_as(backend: dict) -> str:
+    """How a sparse-backend layer spent its frames, e.g. ``"tiles 70%"``: its most frequent path."""
+    counts = {path: backend[f"{path}_frames"] for path in ("sparse", "idle", "plain", "dense")}
+    total = sum(counts.values())
+    if not total:
+        return "-"
+    path = max(counts, key=counts.get)
+    return f"{'tiles' if path == 'sparse' else path} {100 * counts[path] / total:.0f}%"
+
+
 def profile_model(
     loaded: LoadedModel,
     settings: SkipSettings,
@@ -182,14 +192,18 @@ def profile_model(
             handle.remove()
     stats = report(skip)
     n = len(inputs)
+    modules = dict(skip_layers(skip))
     layers = []
     for entry in stats["layers"]:
         name = entry["name"]
+        backend = modules[name].backend_stats()
         layers.append(
             {
                 **entry,
                 "dense_ms": 1000 * dense_timer.seconds.get(name, 0.0) / n,
                 "skip_ms": 1000 * skip_timer.seconds.get(name, 0.0) / n,
+                "ran_as": ran_as(backend) if settings.backend == "sparse" else "reference",
+                "backend": backend,
             }
         )
     dense_total, skip_total = statistics.fmean(dense_ms), statistics.fmean(skip_ms)
