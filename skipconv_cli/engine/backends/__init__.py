@@ -4,8 +4,9 @@
   everything (training, Gumbel gates with gradients, the lossy ``reference="previous"``) and is what the
   tests compare against.
 - ``"sparse"``: ``sparse.py``: recomputes ``z = W * x_ref`` only on the output tiles that can change,
-  gathered from the reference input and run as one batched convolution, with a measured per-layer dense
-  fallback. Inference only; the layer falls back to the reference path when gradients are needed.
+  gathered from the reference input and run as one batched convolution (one C++ call per layer on the
+  CPU), with measured per-layer dense fallbacks: plain layers and back-off. Inference only; the layer
+  falls back to the reference path when gradients are needed.
 """
 
 BACKENDS = ("reference", "sparse")

@@ -19,7 +19,12 @@ owned inputs take their new value (``torch.where`` into ``x_pad``), then either
   from ``x_pad`` with one ``index_select``, convolved with padding 0 in one ``F.conv2d`` call, and written
   into ``z`` with one ``index_copy_``; or
 - dense: ``z = conv(x_pad)`` when more tiles are active than the layer's measured crossover.
-The layer returns a copy of ``z`` (channels_last), so a downstream in-place op cannot corrupt the state.
+On the CPU one C++ call does all of that (``native.py``, ``skip_step.cpp``); elsewhere the PyTorch ops below.
+
+Which frames skip at all (auto-tuned layers): a layer whose gate alone costs about its convolution runs plain
+convolutions with no state ("plain"); after a busy frame (dense recompute, or slower than the plain conv) a
+layer runs 2, 4, ... 64 plain frames before it tries again ("back-off"), its state left as it was.
+The layer hands out ``z`` itself (``hand_out``): valid until its next frame, checked by version counter.
 """
 
 from __future__ import annotations
@@ -173,8 +178,6 @@ class NativeMaps:
     mark: torch.Tensor  # uint8 [N, H_out, W_out]: 0 untouched, 1 recomputed, 2 recomputed and written
     r_abs: torch.Tensor  # float [N, H, W]: |x - x_ref| summed over channels
     owned: torch.Tensor  # uint8 [N, H, W]: inputs that took their new value
-    row_owner: torch.Tensor
-    col_owner: torch.Tensor
     # the step's arguments that do not change from frame to frame, looked up once (a frame's Python
     # overhead is paid by every layer: ~300 of them in HRNet-w32)
     layer_args: tuple = ()  # weight, bias, kernel, stride, padding, dilation, groups
@@ -279,7 +282,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         x_pad = x_pad.clone(memory_format=torch.channels_last)
     z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
-    z.skipconv_state = True  # marks the state for ``is_state``
+    z.skipconv_state = True  # convert()'s output hook copies a model output that is a layer's state
     state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
@@ -450,8 +453,6 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
         mark=torch.zeros((n, ho, wo), **byte),
         r_abs=torch.zeros((n, h, w), dtype=torch.float32, device=x.device),
         owned=torch.zeros((n, h, w), **byte),
-        row_owner=rows,
-        col_owner=cols,
         layer_args=(
             layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
             layer.groups,
