@@ -241,7 +241,7 @@ class SkipConv2d(nn.Conv2d):
 
     @property
     def last_gate(self) -> torch.Tensor | None:
-        source = getattr(self, "_last_source", None)
+        source = self._last_source
         if source is None or source[0] != "native":
             return self._last_gate
         maps = source[1]
@@ -427,7 +427,7 @@ class SkipConv2d(nn.Conv2d):
 
     # -- accounting -----------------------------------------------------------------------------------
 
-    def _count(self, n: int, out_hw: torch.Size, computed: torch.Tensor | int | None, gate_macs: int) -> None:
+    def _count(self, n: int, out_hw: torch.Size, computed: torch.Tensor | None, gate_macs: int) -> None:
         positions = n * out_hw[0] * out_hw[1]
         self.stats_frames += n
         self.stats_outputs_total += positions
@@ -436,8 +436,6 @@ class SkipConv2d(nn.Conv2d):
         if computed is None:
             self.stats_dense_frames += n
             self._computed_counted += positions
-        elif isinstance(computed, int):
-            self._computed_counted += computed
         else:
             self._computed_outputs = self._computed_outputs.to(computed.device) + computed.sum()
 

@@ -9,7 +9,7 @@ contiguous channels_last rows for the reference update, the gather and the write
 convolution itself to oneDNN (``at::conv2d`` on the stack of tiles).
 
 The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about
-a minute, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover
+30 s, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover
 (CUDA, float64, non-zero padding modes, the Gumbel gate), the layer runs the pure-PyTorch tile path of
 ``sparse.py``; ``SKIPCONV_NATIVE=0`` forces that path.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("skip_step.cpp")
-PATH_IDLE, PATH_TILES, PATH_DENSE, PATH_FORCED = 0, 1, 2, 3
+PATH_IDLE, PATH_TILES, PATH_DENSE = 0, 1, 2  # what skip_step returns (3: a forced, timing-only step)
 
 
 @functools.cache

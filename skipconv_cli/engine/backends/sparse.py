@@ -268,7 +268,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     channels_last_weight(layer)
     known = _MEMORY_CACHE.get(memory_key(layer, x), 1.0) if layer.crossover is None else 1.0
     if known < PLAIN_BELOW:  # tuned to plain convolutions before (an earlier stream): no state to lay out
-        out = layer._conv_forward(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias)
+        out = plain_conv(layer, x)
         layer._sparse_state = SparseState.plain(x, out, known)
         layer._dense_bookkeeping(x, out)
         layer._backend_counters["dense_frames"] += x.shape[0]
@@ -424,14 +424,18 @@ def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -
     return None
 
 
+def plain_conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's convolution, nothing else, in the layout of the whole sparse path."""
+    return layer._conv_forward(x.contiguous(memory_format=torch.channels_last), layer.weight, layer.bias)
+
+
 def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, timed: bool = False) -> torch.Tensor:
     """The plain dense convolution: no gate, the state left as it is (counted as a dense frame)."""
-    x = x.contiguous(memory_format=torch.channels_last)  # the layout of the whole sparse path
     if not timed:
-        out = layer._conv_forward(x, layer.weight, layer.bias)
+        out = plain_conv(layer, x)
     else:  # keeps the estimate that ``judge`` compares skip frames with up to date
         started = time.perf_counter()
-        out = layer._conv_forward(x, layer.weight, layer.bias)
+        out = plain_conv(layer, x)
         seconds = time.perf_counter() - started
         previous = state.dense_seconds
         state.dense_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
