@@ -97,7 +97,8 @@ def test_training_lowers_macs_and_keeps_the_outputs_close(video: str, tmp_path: 
     assert measured["macs_reduction"] > 1.5
     assert measured["fidelity"]["metric"] and 0 <= measured["fidelity"]["value"] <= 100
     assert gates.training["videos"][0]["input"] == video
-    assert set(gates.state_dict) == {f"{i}.gate.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")}
+    learned = ("channel_log_weight", "log_threshold")
+    assert set(gates.state_dict) == {f"{i}.gate.{p}" for i in (0, 2, 4, 6) for p in learned}
 
 
 def test_checkpoint_resume_continues_from_the_saved_step(video: str, tmp_path: Path) -> None:

@@ -71,6 +71,13 @@ def train_gates(
             "acting like the thresholded gates of inference.",
         ),
     ] = 10.0,
+    start_threshold: Annotated[
+        float,
+        typer.Option(
+            "--start-threshold",
+            help="Gates start as the output-norm gate at this threshold (open nearly everywhere at 0.01).",
+        ),
+    ] = 0.01,
     steps: Annotated[
         int, typer.Option("--steps", callback=opt._check_positive, help="Optimizer steps.")
     ] = 300,
@@ -126,6 +133,7 @@ def train_gates(
         clip_len=clip_len,
         warmup=warmup,
         sharpen=sharpen,
+        start_threshold=start_threshold,
         steps=steps,
         lr=lr,
         batch=batch,

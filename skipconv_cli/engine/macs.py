@@ -24,10 +24,3 @@ def norm_gate_macs(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, i
     """Cost of a norm gate: |r| summed over channels, then a k x k box sum at each output."""
     kh, kw = conv.kernel_size
     return conv.in_channels * in_hw[0] * in_hw[1] + kh * kw * out_hw[0] * out_hw[1]
-
-
-def gumbel_gate_macs(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """Cost of a Gumbel gate: a one-output-channel conv over all input channels, plus the norm check
-    that skips outputs whose residual is exactly zero."""
-    kh, kw = conv.kernel_size
-    return conv.in_channels * kh * kw * out_hw[0] * out_hw[1] + norm_gate_macs(conv, in_hw, out_hw)

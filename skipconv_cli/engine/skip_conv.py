@@ -20,14 +20,14 @@ from torch import nn
 
 from skipconv_cli.engine.backends import BACKENDS, sparse
 from skipconv_cli.engine.gates import (
+    GumbelGate,
     blockify,
     channel_abs_sum,
     check_gate_args,
     gumbel_sigmoid,
-    make_gumbel_gate,
     support_sum,
 )
-from skipconv_cli.engine.macs import conv_macs, gumbel_gate_macs, macs_per_output_position, norm_gate_macs
+from skipconv_cli.engine.macs import conv_macs, macs_per_output_position, norm_gate_macs
 
 REFERENCES = ("pending", "previous")
 _EPS = 1e-12
@@ -148,7 +148,7 @@ class SkipConv2d(nn.Conv2d):
         self.crossover: float | None = None
         # sparse backend: hand out copies of the output (set once a downstream op wrote into it)
         self.copy_outputs = False
-        self.gate = make_gumbel_gate(self).to(device=device, dtype=dtype) if gate == "gumbel" else None
+        self.gate = GumbelGate(self) if gate == "gumbel" else None
         self.reset()
         self.reset_stats()
 
@@ -327,7 +327,7 @@ class SkipConv2d(nn.Conv2d):
         """Scales, counters and overlays of a dense frame (shared by the backends)."""
         with torch.no_grad():
             n = x.shape[0]
-            if self.gate_type == "output-norm":  # each norm gate needs only its own scale
+            if self.gate_type in ("output-norm", "gumbel"):  # each gate needs only its own scale
                 self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
             elif self.gate_type == "input-norm":
                 input_support = support_sum(channel_abs_sum(x.detach()), self)
@@ -379,8 +379,8 @@ class SkipConv2d(nn.Conv2d):
             self._frames_since_dense += 1
             self.last_computed = computed
             in_hw = x.shape[-2:]
-            gate_cost = gumbel_gate_macs if self.gate_type == "gumbel" else norm_gate_macs
-            self._count(x.shape[0], out_hw, computed=computed, gate_macs=gate_cost(self, in_hw, out_hw))
+            gate_macs = norm_gate_macs(self, in_hw, out_hw)  # a Gumbel gate is a weighted norm gate: the same
+            self._count(x.shape[0], out_hw, computed=computed, gate_macs=gate_macs)
 
     def _gate(self, residual: torch.Tensor, abs_sum: torch.Tensor | None = None) -> torch.Tensor:
         """The output-resolution gate: bool, or a straight-through float while training a Gumbel gate.
@@ -392,7 +392,7 @@ class SkipConv2d(nn.Conv2d):
         support = support_sum(abs_sum, self)
         changed = support > 0
         if self.gate_type == "gumbel":
-            logits = self.gate(residual)
+            logits = self.gate(residual, self, self._out_scale)
             if self.training:
                 gate = gumbel_sigmoid(logits) * changed.to(logits.dtype)
             else:

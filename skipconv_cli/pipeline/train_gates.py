@@ -115,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 20
     sharpen: float = 10.0
+    start_threshold: float = 0.01
 
     def check(self) -> None:
         if not self.videos:
@@ -129,6 +130,8 @@ class TrainConfig:
             raise SkipconvError(f"--lr must be > 0; got {self.lr}")
         if self.sharpen < 1 or not math.isfinite(self.sharpen):
             raise SkipconvError(f"--sharpen must be >= 1; got {self.sharpen}")
+        if not 0 < self.start_threshold < 10:
+            raise SkipconvError(f"--start-threshold must be in (0, 10); got {self.start_threshold}")
         if self.warmup < 0:
             raise SkipconvError(f"--warmup must be >= 0; got {self.warmup}")
         if self.steps < 1 or self.batch < 1 or self.clips < 1:
@@ -155,6 +158,7 @@ class TrainConfig:
             "holdout": self.holdout,
             "finetune": self.finetune,
             "seed": self.seed,
+            "start_threshold": self.start_threshold,
         }
 
 
@@ -342,6 +346,9 @@ def prepare_model(loaded: LoadedModel, config: TrainConfig, device: torch.device
     except ValueError as e:
         raise SkipconvError(str(e)) from e
     model.to(device)
+    with torch.no_grad():  # start as output-norm at start_threshold: open nearly everywhere, near exact
+        for _, layer in skip_layers(model):
+            layer.gate.log_threshold.fill_(math.log(config.start_threshold))
     for name, param in model.named_parameters():
         param.requires_grad_(config.finetune or ".gate." in name or name.startswith("gate."))
     return model
@@ -565,6 +572,7 @@ def train_gates(
             "clip_len": config.clip_len,
             "warmup": config.warmup,
             "sharpen": config.sharpen,
+            "start_threshold": config.start_threshold,
             "steps": config.steps,
             "lr": config.lr,
             "batch": config.batch,

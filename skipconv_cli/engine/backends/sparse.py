@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from skipconv_cli.engine.backends import native
-from skipconv_cli.engine.gates import channel_abs_sum, support_sum
+from skipconv_cli.engine.gates import support_sum
 from skipconv_cli.engine.macs import conv_macs, macs_per_output_position, norm_gate_macs
 
 if TYPE_CHECKING:
@@ -368,10 +368,9 @@ def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> 
     if state.residual is None or state.residual.shape != x.shape:
         state.residual = torch.empty_like(x, memory_format=torch.channels_last)
     residual = torch.sub(x, x_ref, out=state.residual)
-    if layer.gate_type == "gumbel":  # its learned gate reads the signed residual
-        abs_sum = channel_abs_sum(residual)
-    else:  # |r| in place: the same values as channel_abs_sum, without a second map-sized tensor
-        abs_sum = residual.abs_().sum(1, keepdim=True)
+    # |r| in place: the same values as channel_abs_sum without a second map-sized tensor (every gate,
+    # the learned one included, reads only |r|)
+    abs_sum = residual.abs_().sum(1, keepdim=True)
     gate = layer._gate(residual, abs_sum)  # shared with the reference backend: the same decisions
     owned = layer._owned_inputs(gate, x.shape[-2:])
     layer._skip_bookkeeping(x, owned, tuple(state.z.shape[-2:]))
