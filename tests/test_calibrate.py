@@ -255,6 +255,21 @@ def test_calibrate_refuses_frames_with_nothing_to_compare(env: dict, tmp_path: P
     assert not (tmp_path / "c.json").exists()
 
 
-def test_calibrate_refuses_the_gumbel_gate(env: dict, tmp_path: Path) -> None:
+def test_calibrate_needs_trained_gates_for_the_gumbel_gate(env: dict, tmp_path: Path) -> None:
     result = skipconv("calibrate", "sample:person", "--model", "light-person", "--gate", "gumbel", env=env)
-    assert "gumbel" in one_error_line(result)
+    assert "no trained gates for light-person" in one_error_line(result)
+
+
+def test_calibrate_measures_the_shipped_gates_next_to_the_thresholds(env: dict, tmp_path: Path) -> None:
+    path, plot = tmp_path / "people.json", tmp_path / "people.png"
+    result = skipconv(
+        "calibrate", "sample:person", "--model", "yolox-nano", "--gate", "gumbel",
+        "--start", "250", "--frames", "6", "--threads", "2", "--out", str(path), "--plot", str(plot), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calibration = load_calibration(path)
+    assert calibration.gate == "output-norm"  # the search runs on the norm gate; the gates are measured
+    learned = calibration.measured["trained_gates"]
+    assert learned["file"].endswith("weights/gates/yolox-nano.gates.pt")
+    assert learned["reduction"] > 1.5 and 0 <= learned["fidelity"] <= 100
+    assert "trained gates" in result.stdout and plot.stat().st_size > 0

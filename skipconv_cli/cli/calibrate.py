@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skipconv_cli.cli import options as opt
-from skipconv_cli.cli.common import load_model, torch_device
+from skipconv_cli.cli.common import load_model, settings_from_options, torch_device
+from skipconv_cli.errors import SkipconvError
+from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.calibrate import (
     CalibrationResult,
     Evaluation,
@@ -20,7 +22,6 @@ from skipconv_cli.pipeline.calibrate import (
     calibration_file,
     plot_tradeoff,
     prepare_clip,
-    require_norm_gate,
 )
 from skipconv_cli.pipeline.runner import SkipSettings, parse_size
 from skipconv_cli.pipeline.video import open_source
@@ -33,6 +34,8 @@ Examples:
   skipconv calibrate traffic.mp4 --model yolox-nano --max-drop 0.5 --block 4 --out yolox.calibration.json
 
   skipconv run traffic.mp4 --model yolox-nano --calibration yolox.calibration.json --compare-dense
+
+  skipconv calibrate traffic.mp4 --model yolox-nano --gates yolox.gates.pt   # trained gates vs thresholds
 """
 
 
@@ -42,6 +45,7 @@ def calibrate(
     model: opt.Model = None,
     weights: opt.Weights = None,
     gate: opt.Gate = opt.GateName.output_norm,
+    gates: opt.Gates = None,
     block: opt.Block = 1,
     size: opt.Size = None,
     max_drop: Annotated[
@@ -74,21 +78,26 @@ def calibrate(
     The dense model's predictions on the calibration frames are the reference (AP@[.5:.95] for detection,
     PCK@0.2 for pose; dense = 100). First the largest single threshold within budget is searched, then
     per-layer thresholds are raised where that costs the least fidelity. Apply the result with
-    `skipconv run --calibration FILE`.
+    `skipconv run --calibration FILE`. With --gates FILE (or --gate gumbel: the gates shipped for the model),
+    the trained Gumbel gates are measured on the same frames too, next to the thresholds found
+    (the search itself runs on output-norm then).
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     search_settings = SearchSettings(max_drop=max_drop)  # checks --max-drop before anything slow
-    require_norm_gate(gate.value)
     source = open_source(input, max_frames=start + frames)  # a bad input fails before the model loads
     loaded = load_model(model, task.value if task else None, weights)
+    search_gate = gate.value
+    if gates is not None or gate.value == "gumbel":
+        gates = trained_gates(loaded, gates, block)
+        search_gate = "output-norm" if gate.value == "gumbel" else gate.value
     torch_dev = torch_device(device)
     loaded.module.to(torch_dev)
     input_size = parse_size(size, loaded.spec.input_size)
     score = loaded.spec.default_score_threshold if score_threshold is None else score_threshold
-    skip = SkipSettings(gate=gate.value, threshold=0.0, block=block, backend=backend.value)
+    skip = SkipSettings(gate=search_gate, threshold=0.0, block=block, backend=backend.value)
     out = out or Path(f"{Path(loaded.name).name.replace(':', '_')}.calibration.json")
     console = Console()
     with Progress(
@@ -118,7 +127,7 @@ def calibrate(
                 bar, advance=1, status=f"{point.label}: {point.reduction:.2f}x, fidelity {point.fidelity:.2f}"
             )
 
-        result = calibrate_model(loaded, skip, clip, score, search_settings, on_evaluation)
+        result = calibrate_model(loaded, skip, clip, score, search_settings, on_evaluation, gates)
 
     print_tradeoff(console, result)
     calibration = calibration_file(result, loaded, skip, clip, max_drop)
@@ -128,6 +137,21 @@ def calibrate(
         title = f"{loaded.name}, {clip.input_name} frames {start}-{start + len(clip.inputs) - 1}"
         plot_tradeoff(result, plot, title)
         console.print(f"wrote {plot}")
+
+
+def trained_gates(loaded: LoadedModel, gates: Path | None, block: int) -> Path:
+    """The gates file to measure: the one given (checked against the model), else the shipped one."""
+    from skipconv_cli.pipeline.gates_file import load_gates
+
+    if gates is None:
+        gates = settings_from_options(loaded, "gumbel", 0.0, block, None, None).gates
+        if gates is None:
+            raise SkipconvError(
+                f"no trained gates for {loaded.name} at block {block}: pass --gates FILE "
+                "(made by skipconv train-gates)"
+            )
+    load_gates(gates).check_matches(loaded.name, loaded.weights_sha256, block)
+    return gates
 
 
 def print_tradeoff(console: Console, result: CalibrationResult) -> None:
@@ -148,6 +172,12 @@ def print_tradeoff(console: Console, result: CalibrationResult) -> None:
             f"{point.seconds:.1f}",
             style=style,
         )
+    if result.gates is not None:
+        point = result.gates
+        table.add_row(
+            "trained gates", point.label, f"{point.reduction:.2f}x", f"{point.fidelity:.2f}",
+            "yes" if point.within(result.floor) else "no", f"{point.seconds:.1f}", style="bold cyan",
+        )  # fmt: skip
     console.print(table)
     g, best = result.best_global, result.best
     console.print(

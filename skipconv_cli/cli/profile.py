@@ -28,6 +28,7 @@ def profile(
     block: opt.Block = 1,
     reset_every: opt.ResetEvery = None,
     calibration: opt.Calibration = None,
+    gates: opt.Gates = None,
     max_frames: opt.MaxFrames = 50,
     size: opt.Size = None,
     device: opt.Device = "cpu",
@@ -55,7 +56,7 @@ def profile(
     source = open_source(input, max_frames=max_frames)
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
-        loaded, gate.value, threshold, block, reset_every, calibration, backend=backend.value
+        loaded, gate.value, threshold, block, reset_every, calibration, backend=backend.value, gates=gates
     )
     input_size = parse_size(size, loaded.spec.input_size)
     frames = list(source)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -176,6 +176,7 @@ class CalibrationResult:
     floor: float = 99.0
     metric: str = ""
     seconds: float = 0.0
+    gates: Evaluation | None = None  # trained Gumbel gates measured on the same frames, for comparison
 
     @property
     def per_layer_gain(self) -> float:
@@ -399,6 +400,17 @@ def calibration_file(
             "evaluations": len(result.evaluations),
             "seconds": round(result.seconds, 1),
             "backend": skip.backend,
+            **(
+                {}
+                if result.gates is None
+                else {
+                    "trained_gates": {
+                        "file": result.gates.label,
+                        "reduction": round(result.gates.reduction, 4),
+                        "fidelity": round(result.gates.fidelity, 3),
+                    }
+                }
+            ),
         },
         frames={
             "input": clip.input_name,
@@ -429,6 +441,10 @@ def plot_tradeoff(result: CalibrationResult, path: Path, title: str) -> None:
                    color="tab:orange", alpha=0.7, label="per-layer candidates")  # fmt: skip
     ax.scatter([result.best.reduction], [result.best.fidelity], marker="*", s=220, color="tab:red", zorder=5,
                label=f"chosen: {result.best.reduction:.2f}x, {result.best.fidelity:.2f}")  # fmt: skip
+    if result.gates is not None:
+        learned = result.gates
+        ax.scatter([learned.reduction], [learned.fidelity], marker="D", s=70, color="tab:green", zorder=5,
+                   label=f"trained gates: {learned.reduction:.2f}x, {learned.fidelity:.2f}")  # fmt: skip
     ax.axhline(result.floor, color="grey", linestyle="--", linewidth=1, label=f"budget ({result.floor:g})")
     ax.set_xlabel("MAC reduction (dense / executed)")
     ax.set_ylabel(f"fidelity vs dense: {result.metric}")
@@ -442,14 +458,6 @@ def plot_tradeoff(result: CalibrationResult, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def require_norm_gate(gate: str) -> None:
-    if gate == "gumbel":
-        raise SkipconvError(
-            "calibrate tunes the thresholds of the norm gates (output-norm, input-norm); gumbel gates are "
-            "trained instead (skipconv train-gates)"
-        )
-
-
 def calibrate_model(
     loaded: LoadedModel,
     skip: SkipSettings,
@@ -457,9 +465,21 @@ def calibrate_model(
     score_threshold: float,
     settings: SearchSettings,
     on_evaluation: Callable[[Evaluation], None] | None = None,
+    gates: Path | None = None,
 ) -> CalibrationResult:
-    """Converts ``loaded`` with ``skip`` and searches thresholds on ``clip``."""
-    require_norm_gate(skip.gate)
+    """Converts ``loaded`` with ``skip`` and searches thresholds on ``clip``; with ``gates`` (a file from
+    ``train-gates``), also measures those trained gates on the same frames, so the two can be compared."""
+    if skip.gate == "gumbel":
+        raise SkipconvError(
+            "calibrate searches the thresholds of the norm gates (output-norm, input-norm); Gumbel gates are "
+            "trained instead (skipconv train-gates) and only measured here"
+        )
     model = skip_model(loaded, skip)
     evaluator = Evaluator(loaded, model, clip, score_threshold)
-    return search(evaluator, settings, on_evaluation)
+    result = search(evaluator, settings, on_evaluation)
+    if gates is not None:
+        learned = skip_model(loaded, replace(skip, gate="gumbel", gates=gates))
+        result.gates = Evaluator(loaded, learned, clip, score_threshold)({}, "trained gates", str(gates))
+        if on_evaluation is not None:
+            on_evaluation(result.gates)
+    return result
