@@ -45,7 +45,11 @@ def video_stream(videos_dir) -> torch.Tensor:
 
 
 def run_both(
-    dense_model: torch.nn.Module, stream: torch.Tensor, crossover: float | None = None, **options
+    dense_model: torch.nn.Module,
+    stream: torch.Tensor,
+    crossover: float | None = None,
+    learned: dict[str, torch.Tensor] | None = None,
+    **options,
 ) -> tuple[torch.nn.Module, torch.nn.Module, float, float, int]:
     """Runs the reference and the sparse backend side by side.
 
@@ -55,6 +59,9 @@ def run_both(
     """
     reference = sc.convert(dense_model, **options)
     fast = sc.convert(dense_model, backend="sparse", **options)
+    if learned is not None:  # trained Gumbel gates
+        reference.load_state_dict(learned, strict=False)
+        fast.load_state_dict(learned, strict=False)
     for _, layer in sc.engine.skip_layers(fast):
         layer.crossover = crossover
     worst, scale, gate_mismatches = 0.0, 0.0, 0
@@ -71,6 +78,37 @@ def run_both(
             if not gate_mismatches:
                 worst = max(worst, (expected - got).abs().max().item())
     return reference, fast, worst, scale, gate_mismatches
+
+
+def trained_like_gates(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gumbel gates as training leaves them: channel weights spread over ~3 decades, thresholds 0.05-0.5."""
+    generator = torch.Generator().manual_seed(0)
+    learned = {}
+    for name, layer in sc.engine.skip_layers(model):
+        channels = layer.gate.channel_log_weight.shape[0]
+        learned[f"{name}.gate.channel_log_weight"] = torch.randn(channels, generator=generator) * 2
+        threshold = 0.05 * 10 ** torch.rand((), generator=generator).item()
+        learned[f"{name}.gate.log_threshold"] = torch.tensor(math.log(threshold))
+    return learned
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_trained_gumbel_gates_run_in_the_cpp_step_and_match_the_reference(
+    arch: str, video_stream: torch.Tensor
+) -> None:
+    dense_model = build(arch)
+    learned = trained_like_gates(sc.convert(dense_model, gate="gumbel"))
+    for block in (1, 4):
+        reference, fast, worst, scale, mismatches = run_both(
+            dense_model, video_stream, crossover=1.0, learned=learned, gate="gumbel", block=block
+        )
+        where = f"{arch} block {block}"
+        assert worst <= 1e-4 * scale, f"{where}: max diff {worst:.3g} (scale {scale:.3g})"
+        assert mismatches <= 0.1 * STREAM_FRAMES * len(sc.engine.skip_layers(fast)), where
+        sources = {(layer._last_source or ("plain",))[0] for _, layer in sc.engine.skip_layers(fast)}
+        assert "native" in sources, (where, sources)
+        if block == 1:  # the gates do skip (blocks of 4 cover most of these 48x80 maps)
+            assert sc.report(reference)["macs"]["reduction"] > 1.05, where
 
 
 def executed(model: torch.nn.Module) -> int:

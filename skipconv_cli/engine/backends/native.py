@@ -10,7 +10,7 @@ convolution itself to oneDNN (``at::conv2d`` on the stack of tiles).
 
 The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about
 30 s, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover
-(CUDA, float64, non-zero padding modes, the Gumbel gate), the layer runs the pure-PyTorch tile path of
+(CUDA, float64, non-zero padding modes, a Gumbel gate in training), the layer runs the pure-PyTorch tile path of
 ``sparse.py``; ``SKIPCONV_NATIVE=0`` forces that path.
 """
 
@@ -76,6 +76,6 @@ def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.padding_mode == "zeros"
-        and layer.gate_type != "gumbel"
+        and not (layer.gate is not None and layer.training)  # a Gumbel gate in training samples
         and extension() is not None
     )

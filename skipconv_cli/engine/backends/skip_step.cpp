@@ -66,7 +66,7 @@ std::vector<int64_t> skip_step(
     const at::Tensor& x, at::Tensor& x_pad, at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& thresholds,
-    int64_t block, const at::Tensor& row_owner, const at::Tensor& col_owner, const at::Tensor& tile_rows,
+    const c10::optional<at::Tensor>& channel_weights, int64_t block, const at::Tensor& row_owner, const at::Tensor& col_owner, const at::Tensor& tile_rows,
     const at::Tensor& tile_cols, int64_t tile, int64_t tile_h, int64_t tile_w, double crossover,
     at::Tensor& gate, at::Tensor& mark, at::Tensor& r_abs, at::Tensor& owned,
     const c10::optional<at::Tensor>& forced_tiles) {
@@ -103,7 +103,9 @@ std::vector<int64_t> skip_step(
   std::vector<int64_t> tiles;  // flat (n, ty, tx) of the tiles to recompute
   const bool forced = forced_tiles.has_value();
   const int64_t path = forced ? 3 : 1;
-  // 1. per input pixel: |x - x_ref| summed over channels
+  // 1. per input pixel: |x - x_ref| summed over channels (weighted per channel for a learned gate; the
+  // weights are positive, so the sum is zero exactly where the input did not change)
+  const float* cw = channel_weights.has_value() ? channel_weights->data_ptr<float>() : nullptr;
   at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, y = row % g.h;
@@ -114,8 +116,13 @@ std::vector<int64_t> skip_step(
         float total = 0.f;
         const float* a = xr + xx * C;
         const float* b = rr + xx * C;
+        if (cw) {
 #pragma omp simd reduction(+ : total)
-        for (int64_t ch = 0; ch < C; ++ch) total += std::fabs(a[ch] - b[ch]);
+          for (int64_t ch = 0; ch < C; ++ch) total += cw[ch] * std::fabs(a[ch] - b[ch]);
+        } else {
+#pragma omp simd reduction(+ : total)
+          for (int64_t ch = 0; ch < C; ++ch) total += std::fabs(a[ch] - b[ch]);
+        }
         out[xx] = total;
       }
     }

@@ -185,6 +185,7 @@ class NativeMaps:
     gate_macs: int = 0  # per stream and frame
     source: tuple = ()  # what last_gate / last_computed read: ("native", self)
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
+    channel_weights: torch.Tensor | None = None  # a learned (Gumbel) gate's weights on |r| per channel
 
 
 @dataclass
@@ -465,6 +466,8 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
         ),
         gate_macs=norm_gate_macs(layer, (h, w), (ho, wo)),
     )  # fmt: skip
+    if layer.gate is not None:
+        maps.channel_weights = layer.gate.channel_log_weight.detach().exp().float().contiguous()
     maps.source = ("native", maps)
     return maps
 
@@ -472,13 +475,15 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
 def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
     """Per-stream limits on the support norm of r: the gates of ``SkipConv2d._gate`` solved for it."""
     scale = layer._in_scale if layer.gate_type == "input-norm" else layer._out_scale
+    # a learned gate: output-norm (with channel weights, applied by the step) at its learned threshold
+    threshold = layer.threshold if layer.gate is None else math.exp(float(layer.gate.log_threshold))
     cached = maps.thresholds
-    if cached is None or cached[0] != layer.threshold or cached[1] is not scale:
+    if cached is None or cached[0] != threshold or cached[1] is not scale:
         if layer.gate_type == "input-norm":
-            limits = layer.threshold * scale
+            limits = threshold * scale
         else:  # output-norm: mean|W| * support > threshold * mean|z|
-            limits = layer.threshold * scale / layer.weight.detach().abs().mean().clamp_min(1e-30)
-        maps.thresholds = (layer.threshold, scale, limits.reshape(-1).float().contiguous())
+            limits = threshold * scale / layer.weight.detach().abs().mean().clamp_min(1e-30)
+        maps.thresholds = (threshold, scale, limits.reshape(-1).float().contiguous())
     return maps.thresholds[2]
 
 
@@ -487,7 +492,8 @@ def native_step(
 ) -> tuple[int, int, int]:
     maps = state.maps
     return native.extension().skip_step(
-        x, state.x_pad, state.z, *maps.layer_args, gate_limits(layer, maps), *maps.plan_args,
+        x, state.x_pad, state.z, *maps.layer_args, gate_limits(layer, maps), maps.channel_weights,
+        *maps.plan_args,
         state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced,
     )  # fmt: skip
 
