@@ -181,7 +181,7 @@ def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stre
 
 def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older_state() -> None:
     """A busy frame (dense recompute) is followed by plain frames (no gate, state left alone); the next
-    skip frame gates against the older state, exactly. The back-off doubles while the layer stays busy and
+    skip frame gates against the older state, exactly. The back-off grows while the layer stays busy and
     starts over after a frame with tiles."""
     layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
     generator = torch.Generator().manual_seed(0)
@@ -207,12 +207,13 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         local[..., :4, :4] += 1.0  # back near the state's frame: a small change, tiles
         outputs.append(layer(local).clone())
         assert counts() == (2, 2, 1) and state.backoff == 0
-        layer(frames[5])  # busy: back-off starts over at 2, then doubles while busy
-        assert state.backoff == 2
+        layer(frames[5])  # busy: back-off starts over, then grows while busy
+        assert state.backoff == sparse.BACKOFF_FIRST == 2
         for frame in frames[6:8]:  # plain, plain
             layer(frame)
         layer(frames[8])  # busy again
-        assert state.backoff == 4 and state.plain_left == 4
+        grown = 2 * sparse.BACKOFF_GROWTH
+        assert state.backoff == grown and state.plain_left == grown
         inputs = [*frames[:4], local]
         for got, x in zip(outputs, inputs, strict=True):
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)

@@ -10,8 +10,8 @@ convolution itself to oneDNN (``at::conv2d`` on the stack of tiles).
 
 The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about
 30 s, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover
-(CUDA, float64, non-zero padding modes, a Gumbel gate in training), the layer runs the pure-PyTorch tile path of
-``sparse.py``; ``SKIPCONV_NATIVE=0`` forces that path.
+(CUDA, float64, non-zero padding modes, a Gumbel gate in training), the layer runs the pure-PyTorch tile
+path of ``sparse.py``; ``SKIPCONV_NATIVE=0`` forces that path.
 """
 
 from __future__ import annotations
