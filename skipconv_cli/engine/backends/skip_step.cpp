@@ -58,6 +58,7 @@ inline uint8_t max_at(const uint8_t* map, const Geometry& g, int64_t oy, int64_t
 
 // Returns {active tiles, computed outputs, path} where path is 0 idle, 1 tiles, 2 dense recompute, 3 forced
 // (timing only: the given tiles are recomputed and written whole; the reference is not touched).
+// channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
 //
 // gate (uint8 [N, Hb, Wb]) receives the gate per block, mark (uint8 [N, Ho, Wo]) per output: 0 untouched,
 // 1 in the footprint of an updated input, 2 the same with a changed input under its support (only those
@@ -66,10 +67,10 @@ std::vector<int64_t> skip_step(
     const at::Tensor& x, at::Tensor& x_pad, at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& thresholds,
-    const c10::optional<at::Tensor>& channel_weights, int64_t block, const at::Tensor& row_owner, const at::Tensor& col_owner, const at::Tensor& tile_rows,
-    const at::Tensor& tile_cols, int64_t tile, int64_t tile_h, int64_t tile_w, double crossover,
-    at::Tensor& gate, at::Tensor& mark, at::Tensor& r_abs, at::Tensor& owned,
-    const c10::optional<at::Tensor>& forced_tiles) {
+    const c10::optional<at::Tensor>& channel_weights, int64_t block, const at::Tensor& row_owner,
+    const at::Tensor& col_owner, const at::Tensor& tile_rows, const at::Tensor& tile_cols, int64_t tile,
+    int64_t tile_h, int64_t tile_w, double crossover, at::Tensor& gate, at::Tensor& mark,
+    at::Tensor& r_abs, at::Tensor& owned, const c10::optional<at::Tensor>& forced_tiles) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "skip_step: x must be float32 channels_last");
   TORCH_CHECK(x_pad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
