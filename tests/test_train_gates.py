@@ -56,6 +56,7 @@ def config(video: str, **overrides) -> TrainConfig:
         input_size=SIZE,
         beta=1.0,
         lr=0.05,
+        warmup=0,
         steps=40,
         batch=2,
         clips=16,

@@ -24,9 +24,8 @@ from skipconv_cli.pipeline.runner import parse_size
 EXAMPLES = """
 Examples:
 
-  skipconv train-gates one-by-one-person-detection.mp4@0-700 --model openpose-mbv2-14 --size 192x224
-      --beta 1.0 --steps 300 --eval one-by-one-person-detection.mp4@800-1000
-      --out weights/gates/openpose-mbv2-14.gates.pt
+  skipconv train-gates sample:person@0-1100 --model openpose-mbv2-14 --size 192x224
+      --eval sample:asl@0-89 --out pose.gates.pt        # how the shipped pose gates were made (12 min)
 
   skipconv train-gates car-detection.mp4 --model yolox-nano --size 256 --block 4 --out cars.gates.pt
 
@@ -49,7 +48,7 @@ def train_gates(
     weights: opt.Weights = None,
     beta: Annotated[
         float, typer.Option("--beta", help="Weight of the MAC term: larger skips more (Eq. 9).")
-    ] = 1.0,
+    ] = 0.1,
     block: opt.Block = 1,
     clip_len: Annotated[
         int,
@@ -62,7 +61,7 @@ def train_gates(
             help="Frames run with the current gates (no gradient) between a clip's dense frame and its "
             "trained frames, so training sees the pending change a long stream builds up.",
         ),
-    ] = 0,
+    ] = 2,
     sharpen: Annotated[
         float,
         typer.Option(
@@ -80,8 +79,8 @@ def train_gates(
     ] = 0.01,
     steps: Annotated[
         int, typer.Option("--steps", callback=opt._check_positive, help="Optimizer steps.")
-    ] = 300,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 0.01,
+    ] = 200,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 0.05,
     batch: Annotated[int, typer.Option("--batch", callback=opt._check_positive, help="Clips per step.")] = 2,
     clips: Annotated[
         int,

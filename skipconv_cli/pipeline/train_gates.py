@@ -101,12 +101,12 @@ class TrainConfig:
     videos: list[VideoRange]
     input_size: tuple[int, int]
     eval_videos: list[VideoRange] = field(default_factory=list)
-    beta: float = 1.0
+    beta: float = 0.1
     block: int = 1
     clip_len: int = 4
-    warmup: int = 0
-    steps: int = 300
-    lr: float = 0.01
+    warmup: int = 2
+    steps: int = 200
+    lr: float = 0.05
     batch: int = 2
     clips: int = 64
     holdout: float = 0.15
