@@ -25,6 +25,17 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernel(request, monkeypatch) -> str:
+    """Runs a test with the sparse backend's C++ step and again with its PyTorch tile path."""
+    from skipconv_cli.engine.backends import native
+
+    monkeypatch.setenv("SKIPCONV_NATIVE", "1" if request.param == "native" else "0")
+    native.extension.cache_clear()
+    yield request.param
+    native.extension.cache_clear()
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         if IN_CI:

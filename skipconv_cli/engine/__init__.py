@@ -3,6 +3,7 @@
 from skipconv_cli.engine.convert import (
     convert,
     fold_batchnorms,
+    fuse_activations,
     report,
     reset,
     reset_stats,
@@ -16,6 +17,7 @@ __all__ = [
     "SkipConv2d",
     "convert",
     "fold_batchnorms",
+    "fuse_activations",
     "report",
     "reset",
     "reset_stats",

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from skipconv_cli.engine.activations import ActivateOutput, FusedActivation, activation_of
 from skipconv_cli.engine.gates import check_gate_args
 from skipconv_cli.engine.skip_conv import SkipConv2d, fold_batchnorm
 
@@ -54,7 +55,9 @@ def convert(
     if not convs:
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
     per_layer = _per_layer_thresholds(threshold, [name for name, _ in convs], default)
-    folds = _batchnorms_to_fold(model)
+    graphs = _trace(model)
+    folds = _batchnorms_to_fold(model, graphs)
+    fusions = _activations_to_fuse(model, graphs, folds)
     for name, conv in convs:
         bn_name = folds.get(name)
         bn = model.get_submodule(bn_name) if bn_name else None
@@ -63,12 +66,15 @@ def convert(
             reference=reference, backend=backend,
         )  # fmt: skip
         layer.train(conv.training)
+        if name in fusions:
+            layer.fused_activation = activation_of(model.get_submodule(fusions[name]))
         _set_submodule(model, name, layer)
         if bn_name:
             _set_submodule(model, bn_name, nn.Identity())
     for module in model.modules():
         if isinstance(getattr(module, "inplace", None), bool):  # nn.ReLU(inplace=True) and the like
             module.inplace = False  # (the sparse backend's layers hand out their state: see hand_out)
+    _wrap_fused_activations(model, set(fusions.values()))
     model.register_forward_hook(_copy_state_outputs)
     return model
 
@@ -94,13 +100,29 @@ def fold_batchnorms(model: nn.Module) -> nn.Module:
     The fair dense baseline: an optimised dense deployment folds BatchNorm too, and ``convert`` does.
     """
     model = copy.deepcopy(model)
-    for conv_name, bn_name in _batchnorms_to_fold(model).items():
+    for conv_name, bn_name in _batchnorms_to_fold(model, _trace(model)).items():
         conv = model.get_submodule(conv_name)
         bias = conv.bias.detach() if conv.bias is not None else None
         weight, bias = fold_batchnorm(conv.weight.detach(), bias, model.get_submodule(bn_name))
         conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
         _set_submodule(model, bn_name, nn.Identity())
+    return model
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which each conv whose output only an activation reads applies that
+    activation in place, the activation module passing it through (the convs staying plain ``nn.Conv2d``).
+
+    The dense baseline's share of what ``convert`` fuses (see ``engine.activations``): what a fused
+    conv+activation kernel gives a dense deployment, so that a comparison credits skipping alone.
+    """
+    model = copy.deepcopy(model)
+    fusions = _activations_to_fuse(model, _trace(model), folds={})  # (an unfolded BatchNorm stops a fusion)
+    for conv_name, act_name in fusions.items():
+        hook = ActivateOutput(activation_of(model.get_submodule(act_name)))
+        model.get_submodule(conv_name).register_forward_hook(hook)
+    _wrap_fused_activations(model, set(fusions.values()))
     return model
 
 
@@ -175,11 +197,76 @@ def _per_layer_thresholds(threshold: Thresholds, names: list[str], default: floa
     return {name: float(threshold.get(name, default)) for name in names}
 
 
-def _batchnorms_to_fold(model: nn.Module) -> dict[str, str]:
+class _Tracer(torch.fx.Tracer):
+    """Treats the modules named in ``opaque`` as leaves and remembers which module's forward a failed
+    trace was in."""
+
+    def __init__(self, opaque: set[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return name in self.opaque or super().is_leaf_module(module, name)
+
+    def call_module(self, module: nn.Module, forward, args, kwargs):
+        self.stack.append(self.path_of_module(module))
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _trace(model: nn.Module, prefix: str = "") -> list[torch.fx.Graph]:
+    """Symbolic traces covering the model, module targets named from the model's root.
+
+    A module whose forward cannot be traced (control flow on shapes, like 'same' padding) becomes a leaf
+    and is traced on its own; where the root's forward itself cannot be traced, each child is. A value
+    used only inside one graph is used nowhere else, so each graph can be read alone.
+    """
+    opaque: set[str] = set()
+    for _ in range(256):
+        tracer = _Tracer(opaque)
+        try:
+            graph = tracer.trace(model)
+        except Exception:
+            failed = tracer.failed_in[-1] if tracer.failed_in else None
+            if failed is None or failed in opaque:  # the module's own forward: trace its children
+                children = model.named_children()
+                return [graph for name, child in children for graph in _trace(child, _join(prefix, name))]
+            opaque.add(failed)
+            continue
+        for node in graph.nodes:
+            if node.op == "call_module":
+                node.target = _join(prefix, node.target)
+        graphs = [graph]
+        for name in sorted(opaque):
+            graphs += _trace(model.get_submodule(name), _join(prefix, name))
+        return graphs
+    return []
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _module_calls(graphs: list[torch.fx.Graph]) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _batchnorms_to_fold(model: nn.Module, graphs: list[torch.fx.Graph]) -> dict[str, str]:
     """Maps conv name -> name of the eval-mode BatchNorm2d that consumes only that conv's output."""
-    pairs = _traced_pairs(model)
-    if pairs is None:
-        pairs = _sequential_pairs(model)
+    pairs = _sequential_pairs(model) | _traced_pairs(model, graphs)
     return {
         conv: bn
         for conv, bn in pairs.items()
@@ -187,19 +274,51 @@ def _batchnorms_to_fold(model: nn.Module) -> dict[str, str]:
     }
 
 
-def _traced_pairs(model: nn.Module) -> dict[str, str] | None:
-    """Conv -> BN pairs from a symbolic trace; None when the model cannot be traced."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # data-dependent control flow etc.: fall back to nn.Sequential adjacency
-        return None
+def _activations_to_fuse(
+    model: nn.Module, graphs: list[torch.fx.Graph], folds: dict[str, str]
+) -> dict[str, str]:
+    """Maps conv name -> name of the fusable activation module that alone reads its output, possibly
+    through the BatchNorm folded into it or ``nn.Identity`` modules (seen in a trace: none without)."""
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_calls(graphs)
+    fusions = {}
+    for node in (node for graph in graphs for node in graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.Conv2d:
+            continue
+        if calls[node.target] != 1:  # a conv called twice would apply the activation to both outputs
+            continue
+        passed_through = {folds.get(node.target), None}
+        user = node
+        while len(user.users) == 1:
+            user = next(iter(user.users))
+            if user.op != "call_module":
+                break
+            module = modules.get(user.target)
+            if activation_of(module) is not None:
+                fusions[node.target] = user.target
+                break
+            if not (type(module) is nn.Identity or user.target in passed_through):
+                break
+    return fusions
+
+
+def _wrap_fused_activations(model: nn.Module, names: set[str]) -> None:
+    """Wraps the named activation modules, under every name that refers to them (a trace names a module
+    reached by two attributes after the first: a call through the other must pass through too)."""
+    targets = {id(model.get_submodule(name)) for name in names}
+    wrapped: dict[int, FusedActivation] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in targets:
+            wrapper = wrapped.setdefault(id(module), FusedActivation(module))
+            _set_submodule(model, name, wrapper)
+
+
+def _traced_pairs(model: nn.Module, graphs: list[torch.fx.Graph]) -> dict[str, str]:
+    """Conv -> BN pairs from symbolic traces."""
+    modules = dict(model.named_modules())
+    calls = _module_calls(graphs)
     pairs = {}
-    for node in graph.nodes:
+    for node in (node for graph in graphs for node in graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) is not nn.Conv2d:
             continue
         users = list(node.users)

@@ -38,6 +38,7 @@ _FRAME_ATTRIBUTES = frozenset(
         "stats_frames", "stats_dense_frames", "stats_outputs_total", "stats_gate_macs", "_computed_outputs",
         "_computed_counted", "_frames_since_dense", "_last_source", "_last_computed", "_last_gate",
         "_out_hw", "_x_ref", "_z", "_in_scale", "_out_scale", "last_computed", "last_gate", "_plain_frames",
+        "_sparse_state", "_state_path",
     }
 )  # fmt: skip
 
@@ -149,6 +150,10 @@ class SkipConv2d(nn.Conv2d):
         # sparse backend: hand out copies of the output (set once a downstream op wrote into it)
         self.copy_outputs = False
         self.gate = GumbelGate(self) if gate == "gumbel" else None
+        # sparse backend: the activation that alone reads this layer's output, applied here (set by
+        # ``convert``; see ``engine.activations``)
+        self.fused_activation: tuple[int, float, float] | None = None
+        self._owner_cache: dict = {}  # owner index tables of the last input size (kept across streams)
         self.reset()
         self.reset_stats()
 
@@ -218,7 +223,6 @@ class SkipConv2d(nn.Conv2d):
         self._frames_since_dense = 0
         self.last_computed = None  # [N, 1, H_out, W_out] bool, for overlays
         self.last_gate = None  # the gate of the last skip frame (float in training)
-        self._owner_cache: dict = {}
         self._sparse_state: sparse.SparseState | None = None
         self._state_path: str | None = None  # which path ("reference"/"sparse") owns the state
 
@@ -323,11 +327,14 @@ class SkipConv2d(nn.Conv2d):
             self._dense_bookkeeping(x, z)
         return z
 
-    def _dense_bookkeeping(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        """Scales, counters and overlays of a dense frame (shared by the backends)."""
+    def _dense_bookkeeping(self, x: torch.Tensor, z: torch.Tensor, gated: bool = True) -> None:
+        """Scales, counters and overlays of a dense frame (shared by the backends; a layer that will not
+        gate, tuned to plain convolutions, needs no scale)."""
         with torch.no_grad():
             n = x.shape[0]
-            if self.gate_type in ("output-norm", "gumbel"):  # each gate needs only its own scale
+            if not gated:
+                pass
+            elif self.gate_type in ("output-norm", "gumbel"):  # each gate needs only its own scale
                 self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
             elif self.gate_type == "input-norm":
                 input_support = support_sum(channel_abs_sum(x.detach()), self)

@@ -56,9 +56,26 @@ inline uint8_t max_at(const uint8_t* map, const Geometry& g, int64_t oy, int64_t
 
 }  // namespace
 
-// Returns {active tiles, computed outputs, path} where path is 0 idle, 1 tiles, 2 dense recompute, 3 forced
-// (timing only: the given tiles are recomputed and written whole; the reference is not touched).
+// What a fused activation (the op that consumed the layer's output alone) does to a written output row.
+enum Activation : int64_t { kNone = 0, kClamp = 1, kSilu = 2 };
+
+inline void write_row(float* dst, const float* src, int64_t count, int64_t act, float lo, float hi) {
+  if (act == kClamp) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) dst[i] = std::min(std::max(src[i], lo), hi);
+  } else if (act == kSilu) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = src[i] / (1.f + std::exp(-src[i]));
+  } else {
+    std::memcpy(dst, src, count * sizeof(float));
+  }
+}
+
+// Returns {active tiles, computed outputs, path} where path is 0 idle, 1 tiles, 2 busy (more tiles than the
+// crossover: nothing is updated, the caller takes the whole frame), 3 forced (timing only: the given tiles
+// are recomputed and written whole; the reference is not touched).
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
+// activation (an Activation) with bounds lo, hi (clamp): applied to every written output, so that z holds
+// the activated output and the activation follows the sparsity.
 //
 // gate (uint8 [N, Hb, Wb]) receives the gate per block, mark (uint8 [N, Ho, Wo]) per output: 0 untouched,
 // 1 in the footprint of an updated input, 2 the same with a changed input under its support (only those
@@ -66,7 +83,8 @@ inline uint8_t max_at(const uint8_t* map, const Geometry& g, int64_t oy, int64_t
 std::vector<int64_t> skip_step(
     const at::Tensor& x, at::Tensor& x_pad, at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor& thresholds,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation, double act_lo,
+    double act_hi, const at::Tensor& thresholds,
     const c10::optional<at::Tensor>& channel_weights, int64_t block, const at::Tensor& row_owner,
     const at::Tensor& col_owner, const at::Tensor& tile_rows, const at::Tensor& tile_cols, int64_t tile,
     int64_t tile_h, int64_t tile_w, double crossover, at::Tensor& gate, at::Tensor& mark,
@@ -164,6 +182,13 @@ std::vector<int64_t> skip_step(
       std::memset(md, 0, mark.numel());
       return {0, 0, 0};
     }
+    if (static_cast<double>(tiles.size()) > crossover * g.n * ty_count * tx_count) {
+      // busy: the caller takes the whole frame (reference and output), as a dense frame does; nothing
+      // here is worth doing first (the owned-input update, footprint and masked write-back of a full
+      // recompute cost 2-4x the plain convolution on yolox-nano's layers)
+      std::memset(md, 2, mark.numel());
+      return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2};
+    }
     // 4. the inputs owned by a gated output take their new value
     at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -202,24 +227,13 @@ std::vector<int64_t> skip_step(
         },
         std::plus<int64_t>());
   const int64_t count = static_cast<int64_t>(tiles.size());
+  const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
   auto write = [&](const float* values, int64_t n, int64_t oy, int64_t ox) {
     if (path == 3 || md[(n * g.ho + oy) * g.wo + ox] == 2)
-      std::memcpy(zd + ((n * g.ho + oy) * g.wo + ox) * Co, values, Co * sizeof(float));
+      write_row(zd + ((n * g.ho + oy) * g.wo + ox) * Co, values, Co, activation, lo, hi);
   };
   if (count == 0) return {0, computed, path};
-  if (!forced && count > crossover * g.n * ty_count * tx_count) {
-    // 6a. dense recompute: more tiles than the measured crossover
-    at::Tensor full = at::conv2d(x_pad, weight, bias, stride, at::IntArrayRef({0, 0}), dilation, groups)
-                          .contiguous(at::MemoryFormat::ChannelsLast);
-    const float* fd = full.data_ptr<float>();
-    at::parallel_for(0, g.n * g.ho, grain_rows(g.wo * Co), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row)
-        for (int64_t ox = 0; ox < g.wo; ++ox)
-          write(fd + (row * g.wo + ox) * Co, row / g.ho, row % g.ho, ox);
-    });
-    return {count, computed, 2};
-  }
-  // 6b. gather the tiles' input patches (with halo), one batched conv, write back
+  // 6. gather the tiles' input patches (with halo), one batched conv, write back
   at::Tensor patches = at::empty({count, C, patch_h, patch_w},
                                  x.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* pd = patches.data_ptr<float>();

@@ -36,13 +36,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
+from skipconv_cli.engine.activations import activate_
 from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.gates import support_sum
 from skipconv_cli.engine.macs import conv_macs, macs_per_output_position, norm_gate_macs
@@ -184,7 +186,7 @@ class NativeMaps:
     owned: torch.Tensor  # uint8 [N, H, W]: inputs that took their new value
     # the step's arguments that do not change from frame to frame, looked up once (a frame's Python
     # overhead is paid by every layer: ~300 of them in HRNet-w32)
-    layer_args: tuple = ()  # weight, bias, kernel, stride, padding, dilation, groups
+    layer_args: tuple = ()  # weight, bias, kernel, stride, padding, dilation, groups, activation
     plan_args: tuple = ()  # block, owner tables, tile tables, tile sizes
     gate_macs: int = 0  # per stream and frame
     source: tuple = ()  # what last_gate / last_computed read: ("native", self)
@@ -214,6 +216,7 @@ class SparseState:
     dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
+    tile_batches: set[int] = field(default_factory=set)  # tile counts convolved so far (see ``judge``)
 
     def __post_init__(self) -> None:
         if self.x_ref is not None:
@@ -261,6 +264,13 @@ def _conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
 
 
+def activate(layer: SkipConv2d, t: torch.Tensor) -> torch.Tensor:
+    """The layer's fused activation, in place (see ``engine.activations``)."""
+    if layer.fused_activation is not None:
+        activate_(t, layer.fused_activation)
+    return t
+
+
 def channels_last_weight(layer: SkipConv2d) -> None:
     """oneDNN reorders an NCHW weight on every call with a channels_last input: measured 3x slower convs
     on yolox-nano. The whole sparse path is channels_last, so the weight is too (same values)."""
@@ -276,7 +286,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     if known < PLAIN_BELOW:  # tuned to plain convolutions before (an earlier stream): no state to lay out
         out = plain_conv(layer, x)
         layer._sparse_state = SparseState.plain(x, out, known)
-        layer._dense_bookkeeping(x, out)
+        layer._dense_bookkeeping(x, out, gated=False)
         layer._backend_counters["dense_frames"] += x.shape[0]
         layer._backend_counters["macs_run"] += x.shape[0] * conv_macs(layer, tuple(out.shape[-2:]))
         return out
@@ -287,13 +297,14 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         # of one layer would then hide the change from the others
         x_pad = x_pad.clone(memory_format=torch.channels_last)
     z = _conv(layer, x_pad).contiguous(memory_format=torch.channels_last)
+    layer._dense_bookkeeping(x, z)  # the output scale is the convolution's, before any activation
+    activate(layer, z)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
     z.skipconv_state = True  # convert()'s output hook copies a model output that is a layer's state
     state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
     layer._sparse_state = state
-    layer._dense_bookkeeping(x, z)
     layer._backend_counters["dense_frames"] += x.shape[0]
     layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
     return hand_out(layer, state)
@@ -308,7 +319,10 @@ def hand_out(layer: SkipConv2d, state: SparseState) -> torch.Tensor:
     counter: they are always copied.
     """
     if layer.copy_outputs or state.z.is_inference():
-        return state.z.clone()
+        out = state.z.clone()
+        if layer.fused_activation is not None:
+            out.skipconv_activation = layer.fused_activation
+        return out
     state.z_version = state.z._version
     return state.z
 
@@ -316,7 +330,7 @@ def hand_out(layer: SkipConv2d, state: SparseState) -> torch.Tensor:
 def repair_output(layer: SkipConv2d, state: SparseState) -> None:
     """``z`` was written into downstream: recompute it from the intact reference input (the invariant
     ``z = W * x_ref + b`` and the pending change survive), and hand out copies from now on."""
-    state.z.copy_(_conv(layer, state.x_pad))
+    state.z.copy_(activate(layer, _conv(layer, state.x_pad)))
     layer.copy_outputs = True
     layer._backend_counters["macs_run"] += state.z.shape[0] * dense_macs(layer, state.plan)
 
@@ -332,10 +346,10 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         repair_output(layer, state)
     started = time.perf_counter()
     if state.maps is not None:
-        out, path = native_skip_frame(layer, state, x)
+        out, path, tiles = native_skip_frame(layer, state, x)
     else:
-        out, path = torch_skip_frame(layer, state, x)
-    judge(layer, state, path, time.perf_counter() - started)
+        out, path, tiles = torch_skip_frame(layer, state, x)
+    judge(layer, state, path, time.perf_counter() - started, tiles)
     return out
 
 
@@ -347,17 +361,34 @@ def tune(layer: SkipConv2d, state: SparseState) -> None:
     if state.crossover < PLAIN_BELOW:
         state.go_plain()
     elif state.x_pad.device.type == "cpu":
-        state.dense_seconds = _median_time(lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1)
+        state.dense_seconds = plain_seconds(layer, state)
 
 
-def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float) -> None:
+def plain_seconds(layer: SkipConv2d, state: SparseState) -> float:
+    """What the plain convolution takes here: timed once per process and layer geometry. Timing it on the
+    first skip frame of every stream ran each convolution twice more there (HRNet-w32: that frame took
+    2.5x a dense frame); plain frames keep each stream's own estimate current from then on."""
+    key = memory_key(layer, state.x_ref)
+    if key not in _PLAIN_SECONDS:
+        _PLAIN_SECONDS[key] = _median_time(lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1)
+    return _PLAIN_SECONDS[key]
+
+
+def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tiles: int) -> None:
     """Backs off to plain frames after a busy frame: one that needed the dense recompute or, on the CPU,
     took longer than the plain convolution takes (measured at tuning and on plain frames). The time rule
     also catches what the tuned crossover got wrong: it was measured once, on a machine that may have
-    been busy then. Back-off grows while the layer stays busy and starts over after a cheap frame."""
+    been busy then. Back-off grows while the layer stays busy and starts over after a cheap frame.
+
+    The first frame with a given number of tiles is not timed against the plain convolution: oneDNN
+    builds a kernel for each new batch size first (~0.3 ms, more than a whole small layer), and judging
+    that one-off cost sent every layer of yolox-nano into back-off on its first skip frame."""
     if layer.crossover is not None:  # a fixed crossover pins the path: no plain frames
         return
-    too_slow = state.dense_seconds is not None and seconds > state.dense_seconds
+    cold = path == native.PATH_TILES and tiles not in state.tile_batches
+    if cold:
+        state.tile_batches.add(tiles)
+    too_slow = not cold and state.dense_seconds is not None and seconds > state.dense_seconds
     if path == native.PATH_DENSE or too_slow:
         state.backoff = min(BACKOFF_LIMIT, max(BACKOFF_FIRST, BACKOFF_GROWTH * state.backoff))
         state.plain_left = state.backoff
@@ -365,7 +396,9 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float) -> N
         state.backoff = 0
 
 
-def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def torch_skip_frame(
+    layer: SkipConv2d, state: SparseState, x: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
     """The skip frame in PyTorch ops (any device): residual, gate, owned inputs, tiles or dense recompute."""
     plan = state.plan
     x_ref = state.x_ref
@@ -379,12 +412,17 @@ def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> 
     abs_sum = residual.abs_().sum(1, keepdim=True)
     gate = layer._gate(residual, abs_sum)  # shared with the reference backend: the same decisions
     owned = layer._owned_inputs(gate, x.shape[-2:])
-    layer._skip_bookkeeping(x, owned, tuple(state.z.shape[-2:]))
 
     active = F.max_pool2d(gate.to(x.dtype), plan.tile, plan.tile, ceil_mode=True)[:, 0] > 0
     tiles = active.nonzero()  # [K, 3]: (sample, tile row, tile col); the one host sync per frame
     count = tiles.shape[0]
-    if count:
+    busy = count > state.crossover * plan.tiles_per_sample * x.shape[0]
+    # a busy frame takes every input (and so computes every output), as the C++ step counts it
+    layer._skip_bookkeeping(x, torch.ones_like(owned) if busy else owned, tuple(state.z.shape[-2:]))
+    if busy:
+        take_frame(layer, state, x)
+        path = native.PATH_DENSE
+    elif count:
         update_reference(layer, state, x, owned)
         if layer.padding_mode != "zeros" and layer.padding != (0, 0):  # borders mirror the interior
             state.x_pad.copy_(_pad(layer, x_ref))
@@ -392,16 +430,12 @@ def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> 
         # recomputation equals the stored z up to rounding, and writing that rounding noise would make the
         # next layer's residual non-zero there (the reference backend leaves those outputs bit-identical).
         changed = support_sum((owned & (abs_sum > 0)).to(x.dtype), layer) > 0
-        if count > state.crossover * plan.tiles_per_sample * x.shape[0]:
-            torch.where(changed, _conv(layer, state.x_pad), state.z, out=state.z)
-            path = native.PATH_DENSE
-        else:
-            recompute_tiles(layer, state, tiles, changed)
-            path = native.PATH_TILES
+        recompute_tiles(layer, state, tiles, changed)
+        path = native.PATH_TILES
     else:
         path = native.PATH_IDLE
     count_frame(layer, state, path, count)
-    return hand_out(layer, state), path
+    return hand_out(layer, state), path, count
 
 
 def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int) -> None:
@@ -439,9 +473,11 @@ def plain_conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     params = layer._parameters
     if layer.padding_mode != "zeros":
-        return layer._conv_forward(x, params["weight"], params["bias"])
-    weight, bias = params["weight"], params["bias"]
-    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        out = layer._conv_forward(x, params["weight"], params["bias"])
+    else:
+        weight, bias = params["weight"], params["bias"]
+        out = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return activate(layer, out)
 
 
 def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, timed: bool = False) -> torch.Tensor:
@@ -474,7 +510,7 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
         owned=torch.zeros((n, h, w), **byte),
         layer_args=(
             layer.weight, layer.bias, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-            layer.groups,
+            layer.groups, *(layer.fused_activation or (NO_ACTIVATION, 0.0, 0.0)),
         ),
         plan_args=(
             block, rows, cols, plan.tile_rows, plan.tile_cols, plan.tile, plan.rows.size, plan.cols.size
@@ -513,12 +549,33 @@ def native_step(
     )  # fmt: skip
 
 
-def native_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def native_skip_frame(
+    layer: SkipConv2d, state: SparseState, x: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
     x = x.contiguous(memory_format=torch.channels_last)
     tiles, computed, path = native_step(layer, state, x)
+    if path == native.PATH_DENSE:
+        take_frame(layer, state, x)
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles)
-    return hand_out(layer, state), path
+    return hand_out(layer, state), path, tiles
+
+
+def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
+    """A busy frame (more active tiles than the crossover): the layer takes the whole frame as its new
+    reference and computes its output densely, as on a dense frame; the state stays exact.
+
+    Cheaper than a masked full recompute (updating only the gated inputs, then writing only the outputs
+    they change), which cost 2-4x the plain convolution on yolox-nano's layers: here it is one input copy
+    and the convolution, whose output becomes the state. Outputs no input change reached may differ from
+    their old values by rounding; a downstream gate above 0 ignores such differences.
+    """
+    state.x_ref.copy_(x)
+    if layer.padding_mode != "zeros" and layer.padding != (0, 0):  # borders mirror the interior
+        state.x_pad.copy_(_pad(layer, state.x_ref))
+    z = activate(layer, _conv(layer, state.x_pad)).contiguous(memory_format=torch.channels_last)
+    z.skipconv_state = True
+    state.z = z
 
 
 def update_reference(layer: SkipConv2d, state: SparseState, x: torch.Tensor, owned: torch.Tensor) -> None:
@@ -559,7 +616,7 @@ def recompute_tiles(
     rows = x_pad.permute(0, 2, 3, 1).reshape(n_in * hp * wp, channels)  # a view: x_pad is channels_last
     patches = rows.index_select(0, gather.reshape(-1))
     patches = patches.view(tiles.shape[0], plan.rows.patch, plan.cols.patch, channels).permute(0, 3, 1, 2)
-    out = _conv(layer, patches)  # [K, C_out, size_h, size_w]
+    out = activate(layer, _conv(layer, patches))  # [K, C_out, size_h, size_w]
     ho, wo = plan.out_hw
     scatter = (
         (sample * (ho * wo))[:, None, None]
@@ -591,6 +648,7 @@ def new_counters() -> dict:
 # -- auto-tuning --------------------------------------------------------------------------------------
 
 _MEMORY_CACHE: dict[str, float] = {}
+_PLAIN_SECONDS: dict[str, float] = {}  # plain convolution time per layer geometry (this process only)
 
 
 def tuning_key(layer: SkipConv2d, x: torch.Tensor) -> str:
@@ -611,8 +669,14 @@ def memory_key(layer: SkipConv2d, x: torch.Tensor) -> str:
 
 
 def cache_file(device: torch.device) -> Path:
-    root = Path(os.environ.get("SKIPCONV_CACHE") or Path.home() / ".cache" / "skipconv")
-    name = f"{device.type}-torch{torch.__version__}-threads{torch.get_num_threads()}"
+    # looked up on every stream's first frame by every layer: the path is built once per setting
+    return _cache_file(os.environ.get("SKIPCONV_CACHE"), device, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_file(cache_dir: str | None, device: torch.device, threads: int) -> Path:
+    root = Path(cache_dir or Path.home() / ".cache" / "skipconv")
+    name = f"{device.type}-torch{torch.__version__}-threads{threads}"
     if device.type == "cuda":
         name += "-" + hashlib.sha1(torch.cuda.get_device_name(device).encode()).hexdigest()[:8]
     return root / "tuning" / f"{name.replace('+', '_')}.json"
