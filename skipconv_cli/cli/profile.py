@@ -100,6 +100,12 @@ def print_profile(console: Console, result: dict, top: int) -> None:
         f"({100 * result['realised']:.0f}% of the MAC reduction realised)[/]",
         soft_wrap=True,
     )
+    if t["start_frames"]:
+        console.print(
+            f"after the stream's first {t['start_frames']} frames (state set-up, first probes): "
+            f"{t['speedup_after_start']:.2f}x faster",
+            soft_wrap=True,
+        )
     diff = result["output_difference"]
     memory = result["memory"]
     console.print(
