@@ -321,3 +321,41 @@ def test_batch_streams_and_inference_mode() -> None:
         for frame in stream:
             torch.testing.assert_close(fast(frame), reference(frame), rtol=0, atol=1e-4)
     assert sc.report(fast) == sc.report(reference)
+
+
+def test_a_layer_whose_input_is_an_unchanged_idle_output_skips_its_scan(monkeypatch) -> None:
+    """Layer b reads layer a's output directly (through a fused ReLU). When a frame leaves a unchanged, b's
+    next frame is idle without the C++ step; when a writes, b runs its step again; outputs stay exact."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)
+    ).eval()
+    model = sc.convert(net, threshold=0.0, block=4, backend="sparse")
+    a, b = model[0], model[2]
+    for layer in (a, b):
+        layer.crossover = 1.0
+    steps: list[str] = []
+    real_step = sparse.native_step
+
+    def counting_step(layer, state, x, forced=None):
+        steps.append("a" if layer is a else "b")
+        return real_step(layer, state, x, forced)
+
+    monkeypatch.setattr(sparse, "native_step", counting_step)
+    torch.manual_seed(0)
+    still = torch.rand(1, 3, 32, 32)
+    moved = still.clone()
+    moved[..., 4:10, 4:10] += 0.5
+    frames = [still, still, still, moved, moved, moved]
+    expected = [net(f) for f in frames]
+    got = []
+    with torch.no_grad():
+        for frame in frames:
+            steps.clear()
+            got.append((model(frame), list(steps)))
+    per_frame = [s for _, s in got]
+    # frame 0 dense; 1: both scan, both idle; 2: a idle again, b skips its scan; 3: a writes, b scans;
+    # 4: a idle, b scans (its last frame was not idle); 5: a idle, b skips
+    assert per_frame == [[], ["a", "b"], ["a"], ["a", "b"], ["a", "b"], ["a"]]
+    for (out, _), want in zip(got, expected, strict=True):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert b.backend_stats()["idle_frames"] == 4 and b.backend_stats()["sparse_frames"] == 1
