@@ -36,6 +36,7 @@ import math
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -383,7 +384,7 @@ def idle_again(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> bool:
     the simplest sparsity that follows from layer to layer."""
     last_input, last_revision, last_limits = state.idle_on
     revision = getattr(x, "skipconv_revision", None)
-    same = x is last_input and revision is not None and revision.number == last_revision
+    same = x is last_input() and revision is not None and revision.number == last_revision
     return same and gate_limits(layer, state.maps) is last_limits
 
 
@@ -595,7 +596,8 @@ def native_skip_frame(
         state.revision.number += 1
     revision = getattr(x, "skipconv_revision", None)
     idle = path == native.PATH_IDLE and revision is not None
-    state.idle_on = (x, revision.number, state.maps.thresholds[2]) if idle else None
+    # the input by weak reference: a layer in back-off would otherwise keep a replaced map alive
+    state.idle_on = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if idle else None
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles)
     return hand_out(layer, state), path, tiles
