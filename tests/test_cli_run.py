@@ -194,3 +194,14 @@ def test_models_lists_builtins() -> None:
     assert rows["openpose-mbv2-14"]["task"] == "pose" and rows["openpose-mbv2-14"]["input_size"] == [368, 432]
     assert 4.0 < rows["openpose-mbv2-14"]["gmac"] < 4.4
     assert 0.45 < rows["yolox-nano"]["gmac"] < 0.6
+
+
+def test_size_accepts_multiples_of_32_and_the_model_default() -> None:
+    from skipconv_cli.errors import SkipconvError
+    from skipconv_cli.pipeline.runner import parse_size
+
+    assert parse_size(None, (368, 432)) == (368, 432)
+    assert parse_size("368x432", (368, 432)) == (368, 432), "the pose models' own size, not a multiple of 32"
+    assert parse_size("416", (368, 432)) == (416, 416)
+    with pytest.raises(SkipconvError, match="multiples of 32"):
+        parse_size("368x432", (416, 416))

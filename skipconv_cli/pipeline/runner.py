@@ -42,7 +42,8 @@ class SkipSettings:
 
 
 def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
-    """``"HxW"`` or ``"S"`` -> (height, width), multiples of 32."""
+    """``"HxW"`` or ``"S"`` -> (height, width), multiples of 32 or the model's own default (the pose
+    models' 368x432 is not a multiple of 32)."""
     if text is None:
         return default
     try:
@@ -52,6 +53,8 @@ def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
             f"--size must be HEIGHTxWIDTH or one number, e.g. 736x1280; got {text!r}"
         ) from None
     size = (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
+    if size == tuple(default):
+        return default
     if len(size) != 2 or min(size) < 32 or any(s % 32 for s in size):
         raise SkipconvError(f"--size must be multiples of 32 (e.g. 416 or 736x1280); got {text!r}")
     return size  # type: ignore[return-value]
