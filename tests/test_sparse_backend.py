@@ -336,9 +336,9 @@ def test_a_layer_whose_input_is_an_unchanged_idle_output_skips_its_scan(monkeypa
     steps: list[str] = []
     real_step = sparse.native_step
 
-    def counting_step(layer, state, x, forced=None):
+    def counting_step(layer, state, x, forced=None, **options):
         steps.append("a" if layer is a else "b")
-        return real_step(layer, state, x, forced)
+        return real_step(layer, state, x, forced, **options)
 
     monkeypatch.setattr(sparse, "native_step", counting_step)
     torch.manual_seed(0)
@@ -359,3 +359,41 @@ def test_a_layer_whose_input_is_an_unchanged_idle_output_skips_its_scan(monkeypa
     for (out, _), want in zip(got, expected, strict=True):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert b.backend_stats()["idle_frames"] == 4 and b.backend_stats()["sparse_frames"] == 1
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_incremental_scans_gate_exactly_as_full_scans(
+    arch: str, video_stream: torch.Tensor, monkeypatch
+) -> None:
+    """A layer reading the previous layer's output rescans only what that layer wrote (its marks): the
+    gates and outputs are bit-identical to full scans, frame by frame, at several blocks and thresholds."""
+    dense_model = build(arch)
+    real_step = sparse.native_step
+    incremental_steps = []
+
+    def watching_step(layer, state, x, forced=None, incremental=False, marks=None):
+        incremental_steps.append(incremental)
+        return real_step(layer, state, x, forced, incremental, marks)
+
+    monkeypatch.setattr(sparse, "native_step", watching_step)
+
+    def run(block: int, threshold: float) -> list[tuple[torch.Tensor, list]]:
+        model = sc.convert(dense_model, threshold=threshold, block=block, backend="sparse")
+        for _, layer in sc.engine.skip_layers(model):
+            layer.crossover = 1.0
+        frames = []
+        with torch.no_grad():
+            for frame in video_stream:
+                out = model(frame).clone()
+                frames.append((out, [layer.last_gate for _, layer in sc.engine.skip_layers(model)]))
+        return frames
+
+    for block, threshold in ((1, 0.05), (4, 0.3)):
+        incremental = run(block, threshold)
+        with monkeypatch.context() as patch:
+            patch.setattr(sparse, "scan_since", lambda layer, state, x: (False, None))
+            full = run(block, threshold)
+        for (out_a, gates_a), (out_b, gates_b) in zip(incremental, full, strict=True):
+            assert torch.equal(out_a, out_b), (arch, block)
+            assert all(torch.equal(a, b) for a, b in zip(gates_a, gates_b, strict=True) if a is not None)
+    assert any(incremental_steps), f"{arch}: no layer scanned incrementally"

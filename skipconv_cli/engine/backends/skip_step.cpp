@@ -88,7 +88,8 @@ std::vector<int64_t> skip_step(
     const c10::optional<at::Tensor>& channel_weights, int64_t block, const at::Tensor& row_owner,
     const at::Tensor& col_owner, const at::Tensor& tile_rows, const at::Tensor& tile_cols, int64_t tile,
     int64_t tile_h, int64_t tile_w, double crossover, at::Tensor& gate, at::Tensor& mark,
-    at::Tensor& r_abs, at::Tensor& owned, const c10::optional<at::Tensor>& forced_tiles) {
+    at::Tensor& r_abs, at::Tensor& owned, const c10::optional<at::Tensor>& forced_tiles,
+    bool incremental, const c10::optional<at::Tensor>& input_marks) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "skip_step: x must be float32 channels_last");
   TORCH_CHECK(x_pad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
@@ -123,15 +124,20 @@ std::vector<int64_t> skip_step(
   const bool forced = forced_tiles.has_value();
   const int64_t path = forced ? 3 : 1;
   // 1. per input pixel: |x - x_ref| summed over channels (weighted per channel for a learned gate; the
-  // weights are positive, so the sum is zero exactly where the input did not change)
+  // weights are positive, so the sum is zero exactly where the input did not change). Incremental: r_abs
+  // still holds the last step's values, which stay right except where the layer before wrote since
+  // (input_marks == 2; no marks: nothing was written) — the step keeps r_abs at 0 where it takes inputs.
   const float* cw = channel_weights.has_value() ? channel_weights->data_ptr<float>() : nullptr;
-  at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
+  const uint8_t* im = input_marks.has_value() ? input_marks->data_ptr<uint8_t>() : nullptr;
+  if (!incremental || im) at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, y = row % g.h;
       const float* xr = xd + row * g.w * C;
       const float* rr = pad_pixel(n, y + g.ph, g.pw);
       float* out = rd + row * g.w;
+      const uint8_t* mrow = incremental ? im + row * g.w : nullptr;
       for (int64_t xx = 0; xx < g.w; ++xx) {
+        if (mrow && mrow[xx] != 2) continue;
         float total = 0.f;
         const float* a = xr + xx * C;
         const float* b = rr + xx * C;
@@ -146,19 +152,42 @@ std::vector<int64_t> skip_step(
       }
     }
   });
-  // 2. gate per block: some output of the block has a support norm above its stream's threshold
-  std::memset(gd, 0, gate.numel());
+  // 2. gate per block: some output of the block has a support norm above its stream's threshold.
+  // Incremental: a block's support norms changed only if it reads a marked pixel, or if it fired last step
+  // (its owned inputs were taken); every other block keeps last step's decision, which was off.
+  std::vector<uint8_t> dirty;
+  if (incremental) {
+    dirty.assign(g.n * hb * wb, 0);
+    for (int64_t n = 0; n < g.n && im; ++n) {
+      for (int64_t y = 0; y < g.h; ++y) {
+        const uint8_t* mrow = im + (n * g.h + y) * g.w;
+        for (int64_t xx = 0; xx < g.w; ++xx) {
+          if (mrow[xx] != 2) continue;
+          // outputs whose taps may read (y, xx): a superset for dilated kernels, which is safe
+          const int64_t oy0 = std::max<int64_t>(0, (y + g.ph - g.dh * (g.kh - 1) + g.sh - 1) / g.sh);
+          const int64_t oy1 = std::min<int64_t>(g.ho - 1, (y + g.ph) / g.sh);
+          const int64_t ox0 = std::max<int64_t>(0, (xx + g.pw - g.dw * (g.kw - 1) + g.sw - 1) / g.sw);
+          const int64_t ox1 = std::min<int64_t>(g.wo - 1, (xx + g.pw) / g.sw);
+          for (int64_t by = oy0 / block; by <= oy1 / block && oy0 <= oy1; ++by)
+            for (int64_t bx = ox0 / block; bx <= ox1 / block && ox0 <= ox1; ++bx)
+              dirty[(n * hb + by) * wb + bx] = 1;
+        }
+      }
+    }
+  }
   at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), [&](int64_t begin, int64_t end) {
     for (int64_t brow = begin; brow < end; ++brow) {
       const int64_t n = brow / hb, by = brow % hb;
       const float* map = rd + n * g.h * g.w;
       uint8_t* grow = gd + brow * wb;
       const float limit = thr[n];
-      for (int64_t oy = by * block; oy < std::min(g.ho, (by + 1) * block); ++oy) {
-        for (int64_t ox = 0; ox < g.wo; ++ox) {
-          if (grow[ox / block]) continue;  // the block is on already
-          if (support_at(map, g, oy, ox) > limit) grow[ox / block] = 1;
-        }
+      for (int64_t bx = 0; bx < wb; ++bx) {
+        const bool evaluate = !incremental || grow[bx] || dirty[brow * wb + bx];
+        grow[bx] = 0;
+        if (!evaluate) continue;
+        for (int64_t oy = by * block; oy < std::min(g.ho, (by + 1) * block) && !grow[bx]; ++oy)
+          for (int64_t ox = bx * block; ox < std::min(g.wo, (bx + 1) * block); ++ox)
+            if (support_at(map, g, oy, ox) > limit) { grow[bx] = 1; break; }
       }
     }
   });
@@ -201,6 +230,7 @@ std::vector<int64_t> skip_step(
             orow[xx] = 0;
           } else if (rr[xx] > 0.f) {
             std::memcpy(pad_pixel(n, y + g.ph, xx + g.pw), xd + (row * g.w + xx) * C, C * sizeof(float));
+            rd[row * g.w + xx] = 0.f;  // x_ref = x here now (the incremental step reads r_abs next time)
             orow[xx] = 2;
           } else {
             orow[xx] = 1;  // unchanged: nothing to copy, but its readers count as computed

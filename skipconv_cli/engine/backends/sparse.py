@@ -199,12 +199,19 @@ class NativeMaps:
 class Revision:
     """How many times a layer's output ``z`` changed in place: the layer's output tensor carries it
     (``skipconv_revision``), so that the next layer can tell that its input has not changed since its
-    last frame (see ``idle_again``)."""
+    last frame (see ``idle_again``), or where it changed: ``marks`` (the C++ step's mark map, 2 where the
+    last write wrote) describe revision ``marked`` (see ``scan_since``)."""
 
-    __slots__ = ("number",)
+    __slots__ = ("number", "marks", "marked")
 
     def __init__(self) -> None:
         self.number = 0
+        self.marks: torch.Tensor | None = None
+        self.marked = -1
+
+
+def revision_of(t: torch.Tensor) -> Revision | None:
+    return getattr(t, "skipconv_revision", None)
 
 
 @dataclass
@@ -233,6 +240,8 @@ class SparseState:
     # (input, its revision, gate limits) of the last frame if it was idle: the next frame is idle too if
     # the same input comes unchanged (see ``idle_again``)
     idle_on: tuple | None = None
+    # (input, its revision, gate limits) of the last C++ step that left r_abs right for that input
+    scanned: tuple | None = None
 
     def __post_init__(self) -> None:
         if self.x_ref is not None:
@@ -376,6 +385,27 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def scan_since(
+    layer: SkipConv2d, state: SparseState, x: torch.Tensor
+) -> tuple[bool, torch.Tensor | None]:
+    """Whether the C++ step may scan incrementally, and the marks of what changed: the input is the
+    same output tensor of the layer before as at the last step, which left |x - x_ref| right for it, the
+    gate's limits are the same, and since then that layer wrote at most once, where its marks say. Then
+    only the marked pixels' residual is recomputed and only the blocks they reach (and last step's
+    fired blocks) are gated again: the same gate as a full scan, for a pass over a byte map."""
+    scanned = state.scanned
+    revision = revision_of(x)
+    if scanned is None or revision is None or x is not scanned[0]():
+        return False, None
+    if gate_limits(layer, state.maps) is not scanned[2]:
+        return False, None
+    if revision.number == scanned[1]:
+        return True, None  # nothing written since
+    if revision.number == scanned[1] + 1 and revision.marked == revision.number:
+        return True, revision.marks
+    return False, None
+
+
 def idle_again(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> bool:
     """Whether the last frame was idle and this one is bound to be: the input is the same output tensor of
     the layer before, unchanged since (same revision), and the gate's limits are the same. Then the
@@ -383,7 +413,7 @@ def idle_again(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> bool:
     reference (the whole cost of an idle frame) is skipped. An idle layer's output tells the next one so:
     the simplest sparsity that follows from layer to layer."""
     last_input, last_revision, last_limits = state.idle_on
-    revision = getattr(x, "skipconv_revision", None)
+    revision = revision_of(x)
     same = x is last_input() and revision is not None and revision.number == last_revision
     return same and gate_limits(layer, state.maps) is last_limits
 
@@ -575,13 +605,18 @@ def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
 
 
 def native_step(
-    layer: SkipConv2d, state: SparseState, x: torch.Tensor, forced: torch.Tensor | None = None
+    layer: SkipConv2d,
+    state: SparseState,
+    x: torch.Tensor,
+    forced: torch.Tensor | None = None,
+    incremental: bool = False,
+    marks: torch.Tensor | None = None,
 ) -> tuple[int, int, int]:
     maps = state.maps
     return native.extension().skip_step(
         x, state.x_pad, state.z, *maps.layer_args, gate_limits(layer, maps), maps.channel_weights,
         *maps.plan_args,
-        state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced,
+        state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced, incremental, marks,
     )  # fmt: skip
 
 
@@ -589,15 +624,20 @@ def native_skip_frame(
     layer: SkipConv2d, state: SparseState, x: torch.Tensor
 ) -> tuple[torch.Tensor, int, int]:
     x = x.contiguous(memory_format=torch.channels_last)
-    tiles, computed, path = native_step(layer, state, x)
+    incremental, marks = scan_since(layer, state, x)
+    tiles, computed, path = native_step(layer, state, x, incremental=incremental, marks=marks)
+    own = state.revision
     if path == native.PATH_DENSE:
         take_frame(layer, state, x)
     elif path == native.PATH_TILES:
-        state.revision.number += 1
-    revision = getattr(x, "skipconv_revision", None)
-    idle = path == native.PATH_IDLE and revision is not None
+        own.number += 1
+    # the mark map now describes this step: the write of a tiles step, for the next layer's scan
+    own.marks, own.marked = (state.maps.mark, own.number) if path == native.PATH_TILES else (None, -1)
+    revision = revision_of(x)
     # the input by weak reference: a layer in back-off would otherwise keep a replaced map alive
-    state.idle_on = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if idle else None
+    seen = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if revision is not None else None
+    state.idle_on = seen if path == native.PATH_IDLE else None
+    state.scanned = seen if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles)
     return hand_out(layer, state), path, tiles
