@@ -287,7 +287,7 @@ def _activations_to_fuse(
             continue
         if calls[node.target] != 1:  # a conv called twice would apply the activation to both outputs
             continue
-        passed_through = {folds.get(node.target), None}
+        folded = folds.get(node.target)
         user = node
         while len(user.users) == 1:
             user = next(iter(user.users))
@@ -297,7 +297,7 @@ def _activations_to_fuse(
             if activation_of(module) is not None:
                 fusions[node.target] = user.target
                 break
-            if not (type(module) is nn.Identity or user.target in passed_through):
+            if not (type(module) is nn.Identity or user.target == folded):
                 break
     return fusions
 

@@ -199,8 +199,8 @@ class NativeMaps:
 class Revision:
     """How many times a layer's output ``z`` changed in place: the layer's output tensor carries it
     (``skipconv_revision``), so that the next layer can tell that its input has not changed since its
-    last frame (see ``idle_again``), or where it changed: ``marks`` (the C++ step's mark map, 2 where the
-    last write wrote) describe revision ``marked`` (see ``scan_since``)."""
+    last frame, or where it changed: ``marks`` (the C++ step's mark map, 2 where the last write wrote)
+    describe revision ``marked`` (see ``writes_since_scan``)."""
 
     __slots__ = ("number", "marks", "marked")
 
@@ -237,11 +237,10 @@ class SparseState:
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
     tile_batches: set[int] = field(default_factory=set)  # tile counts convolved so far (see ``judge``)
     revision: Revision = field(default_factory=Revision)  # of z (see ``Revision``)
-    # (input, its revision, gate limits) of the last frame if it was idle: the next frame is idle too if
-    # the same input comes unchanged (see ``idle_again``)
-    idle_on: tuple | None = None
-    # (input, its revision, gate limits) of the last C++ step that left r_abs right for that input
+    # (input, its revision, gate limits) at the last C++ step that left r_abs right for that input, and
+    # whether that step was idle (see ``writes_since_scan``)
     scanned: tuple | None = None
+    last_idle: bool = False
 
     def __post_init__(self) -> None:
         if self.x_ref is not None:
@@ -371,51 +370,43 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         return plain
     if state.z_version is not None and state.z._version != state.z_version:
         repair_output(layer, state)
-    if state.idle_on is not None and idle_again(layer, state, x):
+    since = writes_since_scan(layer, state, x) if state.scanned is not None else None
+    if since is not None and since[0] == 0 and state.last_idle:
+        # the same input as at an idle step, unchanged since, under the same limits: idle again, and the
+        # C++ step's scan of input and reference (the whole cost of an idle frame) is not needed
         layer._native_bookkeeping(x.shape[0], state.maps, 0)
         count_frame(layer, state, native.PATH_IDLE, 0)
         state.backoff = 0
         return hand_out(layer, state)
     started = time.perf_counter()
     if state.maps is not None:
-        out, path, tiles = native_skip_frame(layer, state, x)
+        out, path, tiles = native_skip_frame(layer, state, x, since)
     else:
         out, path, tiles = torch_skip_frame(layer, state, x)
     judge(layer, state, path, time.perf_counter() - started, tiles)
     return out
 
 
-def scan_since(
+def writes_since_scan(
     layer: SkipConv2d, state: SparseState, x: torch.Tensor
-) -> tuple[bool, torch.Tensor | None]:
-    """Whether the C++ step may scan incrementally, and the marks of what changed: the input is the
-    same output tensor of the layer before as at the last step, which left |x - x_ref| right for it, the
-    gate's limits are the same, and since then that layer wrote at most once, where its marks say. Then
-    only the marked pixels' residual is recomputed and only the blocks they reach (and last step's
-    fired blocks) are gated again: the same gate as a full scan, for a pass over a byte map."""
+) -> tuple[int, torch.Tensor | None] | None:
+    """How the input changed since this layer's last C++ step, when that is known: (0, None) when it is
+    the same output tensor of the layer before, unchanged; (1, marks) when that layer wrote into it once,
+    where its mark map says; None otherwise (another tensor, new gate limits, more writes, no step).
+
+    Known changes let the step scan incrementally: only the marked pixels' residual is recomputed and only
+    the blocks they reach (and the last step's fired blocks) are gated again, the same gates as a full scan
+    for a pass over a byte map; with no change after an idle step the frame is idle without any scan. The
+    simplest sparsity that follows from layer to layer (conv -> fused activation -> conv links)."""
     scanned = state.scanned
     revision = revision_of(x)
-    if scanned is None or revision is None or x is not scanned[0]():
-        return False, None
-    if gate_limits(layer, state.maps) is not scanned[2]:
-        return False, None
+    if revision is None or x is not scanned[0]() or gate_limits(layer, state.maps) is not scanned[2]:
+        return None
     if revision.number == scanned[1]:
-        return True, None  # nothing written since
+        return 0, None
     if revision.number == scanned[1] + 1 and revision.marked == revision.number:
-        return True, revision.marks
-    return False, None
-
-
-def idle_again(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> bool:
-    """Whether the last frame was idle and this one is bound to be: the input is the same output tensor of
-    the layer before, unchanged since (same revision), and the gate's limits are the same. Then the
-    residual is the last frame's, under every limit again, and the C++ step's scan of the input and the
-    reference (the whole cost of an idle frame) is skipped. An idle layer's output tells the next one so:
-    the simplest sparsity that follows from layer to layer."""
-    last_input, last_revision, last_limits = state.idle_on
-    revision = revision_of(x)
-    same = x is last_input() and revision is not None and revision.number == last_revision
-    return same and gate_limits(layer, state.maps) is last_limits
+        return 1, revision.marks
+    return None
 
 
 def tune(layer: SkipConv2d, state: SparseState) -> None:
@@ -621,11 +612,12 @@ def native_step(
 
 
 def native_skip_frame(
-    layer: SkipConv2d, state: SparseState, x: torch.Tensor
+    layer: SkipConv2d, state: SparseState, x: torch.Tensor, since: tuple | None = None
 ) -> tuple[torch.Tensor, int, int]:
+    """A skip frame in one C++ step; ``since``: what ``writes_since_scan`` knows of the input."""
     x = x.contiguous(memory_format=torch.channels_last)
-    incremental, marks = scan_since(layer, state, x)
-    tiles, computed, path = native_step(layer, state, x, incremental=incremental, marks=marks)
+    marks = since[1] if since is not None else None
+    tiles, computed, path = native_step(layer, state, x, incremental=since is not None, marks=marks)
     own = state.revision
     if path == native.PATH_DENSE:
         take_frame(layer, state, x)
@@ -636,8 +628,8 @@ def native_skip_frame(
     revision = revision_of(x)
     # the input by weak reference: a layer in back-off would otherwise keep a replaced map alive
     seen = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if revision is not None else None
-    state.idle_on = seen if path == native.PATH_IDLE else None
     state.scanned = seen if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
+    state.last_idle = path == native.PATH_IDLE
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles)
     return hand_out(layer, state), path, tiles
