@@ -245,7 +245,14 @@ class SparseState:
     def __post_init__(self) -> None:
         if self.x_ref is not None:
             self.describe(self.x_ref, self.z)
-            self.z.skipconv_revision = self.revision
+            self.take_output(self.z)
+
+    def take_output(self, z: torch.Tensor) -> None:
+        """``z`` becomes the state's output: marked as state (``convert``'s output hook copies a model
+        output that is a layer's state) and carrying the state's revision."""
+        z.skipconv_state = True
+        z.skipconv_revision = self.revision
+        self.z = z
 
     def describe(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.input_key = (x.shape, x.dtype, x.device)
@@ -325,7 +332,6 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     layer._dense_bookkeeping(x, z)  # the output scale is the convolution's, before any activation
     activate(layer, z)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
-    z.skipconv_state = True  # convert()'s output hook copies a model output that is a layer's state
     state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
@@ -480,8 +486,7 @@ def torch_skip_frame(
         path = native.PATH_DENSE
     elif count:
         update_reference(layer, state, x, owned)
-        if layer.padding_mode != "zeros" and layer.padding != (0, 0):  # borders mirror the interior
-            state.x_pad.copy_(_pad(layer, x_ref))
+        refresh_borders(layer, state)
         # Only outputs whose support saw a changed input take the recomputed value. Elsewhere the
         # recomputation equals the stored z up to rounding, and writing that rounding noise would make the
         # next layer's residual non-zero there (the reference backend leaves those outputs bit-identical).
@@ -645,13 +650,16 @@ def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
     their old values by rounding; a downstream gate above 0 ignores such differences.
     """
     state.x_ref.copy_(x)
-    if layer.padding_mode != "zeros" and layer.padding != (0, 0):  # borders mirror the interior
-        state.x_pad.copy_(_pad(layer, state.x_ref))
+    refresh_borders(layer, state)
     z = activate(layer, _conv(layer, state.x_pad)).contiguous(memory_format=torch.channels_last)
-    z.skipconv_state = True
     state.revision.number += 1
-    z.skipconv_revision = state.revision
-    state.z = z
+    state.take_output(z)
+
+
+def refresh_borders(layer: SkipConv2d, state: SparseState) -> None:
+    """After the reference input changed: borders of a non-zero padding mode mirror the interior."""
+    if layer.padding_mode != "zeros" and layer.padding != (0, 0):
+        state.x_pad.copy_(_pad(layer, state.x_ref))
 
 
 def update_reference(layer: SkipConv2d, state: SparseState, x: torch.Tensor, owned: torch.Tensor) -> None:
