@@ -25,12 +25,14 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "native-tiles", "torch"])
 def kernel(request, monkeypatch) -> str:
-    """Runs a test with the sparse backend's C++ step and again with its PyTorch tile path."""
+    """Runs a test with the sparse backend's C++ step (ungrouped convs recomputed as pixels), the C++ step
+    with tiles only, and its PyTorch tile path."""
     from skipconv_cli.engine.backends import native
 
-    monkeypatch.setenv("SKIPCONV_NATIVE", "1" if request.param == "native" else "0")
+    monkeypatch.setenv("SKIPCONV_NATIVE", "0" if request.param == "torch" else "1")
+    monkeypatch.setenv("SKIPCONV_PIXELS", "0" if request.param == "native-tiles" else "1")
     native.extension.cache_clear()
     yield request.param
     native.extension.cache_clear()

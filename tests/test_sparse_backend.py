@@ -163,6 +163,39 @@ def test_forced_dense_and_forced_sparse_agree(video_stream: torch.Tensor, kernel
     assert executed(always_dense) > executed(always_sparse)
 
 
+def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, monkeypatch) -> None:
+    """The C++ step recomputes the written outputs of ungrouped and depthwise convs as pixels: as exact as
+    the tiles, and it runs fewer outputs."""
+    model = build("mobilenetv2")  # ungrouped and depthwise layers
+    runs = {}
+    for pixels in ("1", "0"):
+        monkeypatch.setenv("SKIPCONV_PIXELS", pixels)
+        _, fast, worst, scale, mismatches = run_both(
+            model, video_stream, crossover=1.0, gate="output-norm", threshold=0.1, block=4
+        )
+        assert worst <= 1e-4 * scale and mismatches == 0, f"pixels={pixels}: {worst:.3g} of {scale:.3g}"
+        runs[pixels] = [layer for _, layer in sc.engine.skip_layers(fast)]
+    total = {"1": 0, "0": 0}
+    kinds = set()
+    for with_pixels, with_tiles in zip(runs["1"], runs["0"], strict=True):
+        assert with_pixels._sparse_state.maps.pixel_weight is not None
+        kinds.add(with_pixels.groups == 1)
+        assert with_pixels.layer_stats() == with_tiles.layer_stats(), "the same gates, the same MACs counted"
+        run_pixels, run_tiles = (sparse_macs_run(layer) for layer in (with_pixels, with_tiles))
+        # never more than the outputs counted as computed (mark 2 only: the written ones)
+        assert run_pixels <= with_pixels.layer_stats()["macs_executed"]
+        total["1"] += run_pixels
+        total["0"] += run_tiles
+    assert kinds == {True, False}, "ungrouped and depthwise layers"
+    assert 0 < total["1"] < total["0"]
+
+
+def sparse_macs_run(layer: sc.SkipConv2d) -> int:
+    """MACs the backend ran on sparse frames (its dense frames left out)."""
+    stats, counted = layer.backend_stats(), layer.layer_stats()
+    return stats["macs_run"] - stats["dense_frames"] * counted["macs_dense"] // layer.frames_seen
+
+
 def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stream: torch.Tensor) -> None:
     """Auto-tuning may send a layer to plain dense convolutions (its gate costs what its conv does) or
     back off after a busy frame; outputs stay as exact as the reference's, and MACs count what ran."""

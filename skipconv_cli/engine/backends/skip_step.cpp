@@ -70,9 +70,15 @@ inline void write_row(float* dst, const float* src, int64_t count, int64_t act, 
   }
 }
 
-// Returns {active tiles, computed outputs, path} where path is 0 idle, 1 tiles, 2 busy (more tiles than the
-// crossover: nothing is updated, the caller takes the whole frame), 3 forced (timing only: the given tiles
-// are recomputed and written whole; the reference is not touched).
+// Returns {active tiles, computed outputs, path, outputs run} where path is 0 idle, 1 tiles, 2 busy (more
+// tiles than the crossover: nothing is updated, the caller takes the whole frame), 3 forced (timing only:
+// the given tiles are recomputed and written whole; the reference is not touched), and outputs run counts
+// what the convolution computed (halo and overlap of tiles included).
+// pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [kh * kw * C,
+// Co]): the written outputs' receptive fields gathered as rows (im2col of those pixels only) and one matrix
+// product. Depthwise convs (float [kh * kw, C]): per pixel, the taps' channel rows times their weights,
+// summed in registers. No tile covers more than its gated blocks, no halo is convolved, and nothing
+// builds a kernel per batch size as oneDNN's convolution does.
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
 // activation (an Activation) with bounds lo, hi (clamp): applied to every written output, so that z holds
 // the activated output and the activation follows the sparsity.
@@ -89,7 +95,8 @@ std::vector<int64_t> skip_step(
     const at::Tensor& col_owner, const at::Tensor& tile_rows, const at::Tensor& tile_cols, int64_t tile,
     int64_t tile_h, int64_t tile_w, double crossover, at::Tensor& gate, at::Tensor& mark,
     at::Tensor& r_abs, at::Tensor& owned, const c10::optional<at::Tensor>& forced_tiles,
-    bool incremental, const c10::optional<at::Tensor>& input_marks) {
+    bool incremental, const c10::optional<at::Tensor>& input_marks,
+    const c10::optional<at::Tensor>& pixel_weight) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "skip_step: x must be float32 channels_last");
   TORCH_CHECK(x_pad.is_contiguous(at::MemoryFormat::ChannelsLast) &&
@@ -209,14 +216,14 @@ std::vector<int64_t> skip_step(
     }
     if (tiles.empty()) {
       std::memset(md, 0, mark.numel());
-      return {0, 0, 0};
+      return {0, 0, 0, 0};
     }
     if (static_cast<double>(tiles.size()) > crossover * g.n * ty_count * tx_count) {
       // busy: the caller takes the whole frame (reference and output), as a dense frame does; nothing
       // here is worth doing first (the owned-input update, footprint and masked write-back of a full
       // recompute cost 2-4x the plain convolution on yolox-nano's layers)
       std::memset(md, 2, mark.numel());
-      return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2};
+      return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2, 0};
     }
     // 4. the inputs owned by a gated output take their new value
     at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
@@ -258,11 +265,75 @@ std::vector<int64_t> skip_step(
         std::plus<int64_t>());
   const int64_t count = static_cast<int64_t>(tiles.size());
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
+  // 6'. pixels: the outputs to write (forced: every output of the given tiles), their receptive fields
+  // gathered as rows (tap by tap, C contiguous floats each), one matrix product, write-back
+  auto recompute_pixels = [&](const at::Tensor& matrix, int64_t tile_count) -> int64_t {
+    std::vector<int64_t> pixels;  // flat (n, oy, ox)
+    if (path == 3) {
+      std::vector<uint8_t> want(g.n * g.ho * g.wo, 0);
+      for (int64_t k = 0; k < tile_count; ++k) {
+        const int64_t t = tiles[k];
+        const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
+        for (int64_t i = 0; i < tile_h; ++i)
+          for (int64_t j = 0; j < tile_w; ++j) want[(n * g.ho + trow[ty] + i) * g.wo + tcol[tx] + j] = 1;
+      }
+      for (int64_t p = 0; p < static_cast<int64_t>(want.size()); ++p)
+        if (want[p]) pixels.push_back(p);
+    } else {
+      for (int64_t p = 0; p < g.n * g.ho * g.wo; ++p)
+        if (md[p] == 2) pixels.push_back(p);
+    }
+    const int64_t m = static_cast<int64_t>(pixels.size());
+    if (m == 0) return 0;
+    const int64_t taps = g.kh * g.kw, row_len = taps * C;
+    if (groups != 1) {  // depthwise: matrix [taps, C], one output channel per input channel
+      const float* wd = matrix.data_ptr<float>();
+      const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+      at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
+        std::vector<float> acc(C);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t p = pixels[i];
+          const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
+          if (bd) std::memcpy(acc.data(), bd, C * sizeof(float));
+          else std::fill(acc.begin(), acc.end(), 0.f);
+          float* a = acc.data();
+          for (int64_t ky = 0; ky < g.kh; ++ky)
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const float* src = pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
+              const float* w = wd + (ky * g.kw + kx) * C;
+#pragma omp simd
+              for (int64_t ch = 0; ch < C; ++ch) a[ch] += w[ch] * src[ch];
+            }
+          write_row(zd + p * Co, a, Co, activation, lo, hi);
+        }
+      });
+      return m;
+    }
+    at::Tensor columns = at::empty({m, row_len}, x.options());
+    float* cd = columns.data_ptr<float>();
+    at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t p = pixels[i];
+        const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
+        float* dst = cd + i * row_len;
+        for (int64_t ky = 0; ky < g.kh; ++ky)
+          for (int64_t kx = 0; kx < g.kw; ++kx, dst += C)
+            std::memcpy(dst, pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw), C * sizeof(float));
+      }
+    });
+    at::Tensor out = bias.has_value() ? at::addmm(*bias, columns, matrix) : at::mm(columns, matrix);
+    const float* outd = out.data_ptr<float>();
+    at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) write_row(zd + pixels[i] * Co, outd + i * Co, Co, activation, lo, hi);
+    });
+    return m;
+  };
   auto write = [&](const float* values, int64_t n, int64_t oy, int64_t ox) {
     if (path == 3 || md[(n * g.ho + oy) * g.wo + ox] == 2)
       write_row(zd + ((n * g.ho + oy) * g.wo + ox) * Co, values, Co, activation, lo, hi);
   };
-  if (count == 0) return {0, computed, path};
+  if (count == 0) return {0, computed, path, 0};
+  if (pixel_weight.has_value()) return {count, computed, path, recompute_pixels(*pixel_weight, count)};
   // 6. gather the tiles' input patches (with halo), one batched conv, write back
   at::Tensor patches = at::empty({count, C, patch_h, patch_w},
                                  x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -287,7 +358,7 @@ std::vector<int64_t> skip_step(
       for (int64_t j = 0; j < tile_w; ++j)
         write(outd + ((k * tile_h + i) * tile_w + j) * Co, n, trow[ty] + i, tcol[tx] + j);
   }
-  return {count, computed, path};
+  return {count, computed, path, count * tile_h * tile_w};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
