@@ -361,6 +361,47 @@ std::vector<int64_t> skip_step(
   return {count, computed, path, count * tile_h * tile_w};
 }
 
+// out = activation(a + b) at the pixels either input's mark map (uint8 [N, H, W], optional: no map, no
+// change) gives as written (2); marks receives 2 there and 0 elsewhere. a, b, out: the same shape,
+// float32 channels_last. Returns the pixels written.
+int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+                   const c10::optional<at::Tensor>& marks_a, const c10::optional<at::Tensor>& marks_b,
+                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks) {
+  for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&out)})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                    t->sizes() == out.sizes(),
+                "add_marked: float32 channels_last tensors of one shape");
+  const int64_t C = out.size(1), pixels = out.size(0) * out.size(2) * out.size(3);
+  const float* ad = a.data_ptr<float>();
+  const float* bd = b.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const uint8_t* ma = marks_a.has_value() ? marks_a->data_ptr<uint8_t>() : nullptr;
+  const uint8_t* mb = marks_b.has_value() ? marks_b->data_ptr<uint8_t>() : nullptr;
+  uint8_t* md = marks.data_ptr<uint8_t>();
+  const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
+  return at::parallel_reduce(
+      0, pixels, grain_rows(C), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t partial) {
+        std::vector<float> sum(C);
+        for (int64_t p = begin; p < end; ++p) {
+          if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+            md[p] = 0;
+            continue;
+          }
+          const float* x = ad + p * C;
+          const float* y = bd + p * C;
+#pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) sum[ch] = x[ch] + y[ch];
+          write_row(od + p * C, sum.data(), C, activation, lo, hi);
+          md[p] = 2;
+          ++partial;
+        }
+        return partial;
+      },
+      std::plus<int64_t>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skip_step", &skip_step, "One Skip-Conv frame of one layer (CPU, channels_last float32)");
+  m.def("add_marked", &add_marked, "A sum (and its activation) recomputed where its inputs were written");
 }

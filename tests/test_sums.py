@@ -1,0 +1,119 @@
+"""Residual sums follow the sparsity (``engine.sums``): the same values as the plain sums, bit for bit, while
+recomputing only what their inputs wrote, and the layers after them scan incrementally."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import skipconv_cli as sc
+from skipconv_cli.engine.backends import native, sparse
+from skipconv_cli.engine.sums import SparseSum
+from tests.conftest import read_frames
+
+convert_module = sys.modules["skipconv_cli.engine.convert"]
+
+
+class Block(nn.Module):
+    """A residual block (sum then a shared ReLU module, as HRNet's), a sum without activation, a
+    broadcasting sum and a sum written into in place (both must stay plain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.conv2 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.relu = nn.ReLU()
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.offset = nn.Parameter(torch.randn(1, 16, 1, 1))
+        self.head = nn.Conv2d(16, 8, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.relu(self.conv2(self.relu(self.conv1(x))) + x)  # sparse, ReLU fused
+        z = self.conv3(y) + y  # sparse, no activation
+        w = z + self.offset  # broadcasting: plain
+        v = self.conv3(w) + z
+        v.mul_(1.0)  # written into in place: plain
+        return self.head(v + w)
+
+
+@pytest.fixture(scope="module")
+def stream(videos_dir) -> torch.Tensor:
+    frames = read_frames(videos_dir / "car-detection.mp4", 16, start=190, size=(96, 64))
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255.0).unsqueeze(1)
+
+
+@pytest.fixture(autouse=True)
+def tuning_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SKIPCONV_CACHE", str(tmp_path))
+    sparse._MEMORY_CACHE.clear()
+
+
+def run(model: nn.Module, stream: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    outputs, gates = [], []
+    with torch.no_grad():
+        for frame in stream:
+            outputs.append(model(frame.contiguous(memory_format=torch.channels_last)))
+            gates.append([layer.last_gate for _, layer in sc.engine.skip_layers(model)])
+    return outputs, gates
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+@pytest.mark.parametrize("threshold", [0.0, 0.2])
+def test_sparse_sums_equal_plain_sums_bit_for_bit(
+    stream: torch.Tensor, threshold: float, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    net = Block().eval()
+    options = {"threshold": threshold, "block": 2, "backend": "sparse"}
+    with_sums = sc.convert(net, **options)
+    sums = [m for m in with_sums.modules() if isinstance(m, SparseSum)]
+    # every sum of two tensors not written into in place; the ReLU module after the first fused
+    assert [s.activation is not None for s in sums] == [True, False, False, False]
+    monkeypatch.setattr(convert_module, "follow_sums", lambda model: 0)
+    without = sc.convert(net, **options)
+    for model in (with_sums, without):  # every layer skipping: the sums see revisions every frame
+        for _, layer in sc.engine.skip_layers(model):
+            layer.crossover = 1.0
+    (got, got_gates), (expected, expected_gates) = run(with_sums, stream), run(without, stream)
+    for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(a, b), f"frame {frame}"
+    for frame, (ga, gb) in enumerate(zip(got_gates, expected_gates, strict=True)):
+        for x, y in zip(ga, gb, strict=True):
+            assert (x is None and y is None) or torch.equal(x, y), f"gates differ on frame {frame}"
+    if threshold == 0.0:
+        with torch.no_grad():
+            dense = [net(frame) for frame in stream]
+        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
+    # sums of a broadcast or of a plain tensor stay plain: no state
+    assert [s.out is not None for s in sums] == [True, True, False, False]
+    # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
+    relu_sum = sums[0]
+    whole = relu_sum.out[0, 0].numel() * (len(stream) - 1)
+    assert 0 < relu_sum.pixels_written < whole
+    # copies survive: a deep copy runs the same way
+    twin = copy.deepcopy(with_sums)
+    sc.reset(twin)
+    twin_out, _ = run(twin, stream[:3])
+    assert all(torch.equal(a, b) for a, b in zip(twin_out, got[:3], strict=True))
+
+
+def test_sums_stay_plain_under_the_reference_backend_and_autograd() -> None:
+    torch.manual_seed(0)
+    net = Block().eval()
+    reference = sc.convert(net, threshold=0.0)
+    assert not any(isinstance(m, SparseSum) for m in reference.modules()), "sums follow the sparse backend"
+    model = sc.convert(net, threshold=0.0, backend="sparse")
+    x = torch.rand(1, 3, 32, 48)
+    sums = [m for m in model.modules() if isinstance(m, SparseSum)]
+    y = sums[0](torch.rand(1, 4, 8, 8, requires_grad=True), torch.rand(1, 4, 8, 8))
+    y.sum().backward()  # autograd: the plain sum, activated out of place
+    assert sums[0].out is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
