@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from skipconv_cli.engine.activations import ActivateOutput, FusedActivation, activation_of
+from skipconv_cli.engine.elementwise import SparseUpsample, follow_sums, upsample_factor
 from skipconv_cli.engine.gates import check_gate_args
 from skipconv_cli.engine.skip_conv import SkipConv2d, fold_batchnorm
-from skipconv_cli.engine.sums import follow_sums
 
 DEFAULT_THRESHOLD = 0.3
 Thresholds = float | Mapping[str, float]
@@ -76,7 +76,10 @@ def convert(
         if isinstance(getattr(module, "inplace", None), bool):  # nn.ReLU(inplace=True) and the like
             module.inplace = False  # (the sparse backend's layers hand out their state: see hand_out)
     _wrap_fused_activations(model, set(fusions.values()))
-    if backend == "sparse":
+    if backend == "sparse":  # the ops between layers that can follow the sparse backend's sparsity
+        for name, module in list(model.named_modules()):
+            if upsample_factor(module) is not None:
+                _set_submodule(model, name, SparseUpsample(module))
         follow_sums(model)
     model.register_forward_hook(_copy_state_outputs)
     return model

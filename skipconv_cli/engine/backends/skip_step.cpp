@@ -401,7 +401,45 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
       std::plus<int64_t>());
 }
 
+// Nearest upsampling by integer factors (fh, fw) of the input pixels its mark map (uint8 [N, H, W];
+// none: every pixel) gives as written (2): each is copied into its fh x fw output pixels; marks (uint8
+// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. Returns the input pixels copied.
+int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optional<at::Tensor>& marks_in,
+                        int64_t fh, int64_t fw, at::Tensor& marks) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.size(0) == x.size(0) &&
+                  out.size(1) == x.size(1) && out.size(2) == x.size(2) * fh && out.size(3) == x.size(3) * fw,
+              "upsample_marked: float32 channels_last maps, out = x upsampled by (fh, fw)");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), Wo = W * fw;
+  const float* xd = x.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const uint8_t* mi = marks_in.has_value() ? marks_in->data_ptr<uint8_t>() : nullptr;
+  uint8_t* mo = marks.data_ptr<uint8_t>();
+  return at::parallel_reduce(
+      0, x.size(0) * H, grain_rows(W * C * fh * fw), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t partial) {
+        for (int64_t row = begin; row < end; ++row) {  // (n, y): output rows (n, y * fh + dy)
+          for (int64_t xx = 0; xx < W; ++xx) {
+            const bool take = !mi || mi[row * W + xx] == 2;
+            partial += take;
+            for (int64_t dy = 0; dy < fh; ++dy) {
+              const int64_t out_row = row * fh + dy;
+              uint8_t* mrow = mo + out_row * Wo + xx * fw;
+              std::memset(mrow, take ? 2 : 0, fw);
+              if (!take) continue;
+              for (int64_t dx = 0; dx < fw; ++dx)
+                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, xd + (row * W + xx) * C, C * sizeof(float));
+            }
+          }
+        }
+        return partial;
+      },
+      std::plus<int64_t>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skip_step", &skip_step, "One Skip-Conv frame of one layer (CPU, channels_last float32)");
   m.def("add_marked", &add_marked, "A sum (and its activation) recomputed where its inputs were written");
+  m.def("upsample_marked", &upsample_marked, "Nearest upsampling of the pixels its input wrote");
 }

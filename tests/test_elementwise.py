@@ -1,5 +1,5 @@
-"""Residual sums follow the sparsity (``engine.sums``): the same values as the plain sums, bit for bit, while
-recomputing only what their inputs wrote, and the layers after them scan incrementally."""
+"""Residual sums and nearest upsampling follow the sparsity (``engine.elementwise``): the same values as the
+plain ops, bit for bit, while recomputing only what their inputs wrote."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from torch import nn
 
 import skipconv_cli as sc
 from skipconv_cli.engine.backends import native, sparse
-from skipconv_cli.engine.sums import SparseSum
+from skipconv_cli.engine.elementwise import SparseSum, SparseUpsample, upsample_factor
 from tests.conftest import read_frames
 
 convert_module = sys.modules["skipconv_cli.engine.convert"]
 
 
 class Block(nn.Module):
-    """A residual block (sum then a shared ReLU module, as HRNet's), a sum without activation, a
-    broadcasting sum and a sum written into in place (both must stay plain)."""
+    """A residual block (sum then a shared ReLU module, as HRNet's), an upsampled branch added back, a sum
+    without activation, a broadcasting sum and a sum written into in place (both must stay plain)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,13 +30,16 @@ class Block(nn.Module):
         self.conv2 = nn.Conv2d(16, 16, 3, 1, 1)
         self.relu = nn.ReLU()
         self.conv3 = nn.Conv2d(16, 16, 1)
+        self.down = nn.Conv2d(16, 16, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.offset = nn.Parameter(torch.randn(1, 16, 1, 1))
         self.head = nn.Conv2d(16, 8, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         y = self.relu(self.conv2(self.relu(self.conv1(x))) + x)  # sparse, ReLU fused
-        z = self.conv3(y) + y  # sparse, no activation
+        u = self.up(self.down(y)) + y  # sparse, the upsampling too
+        z = self.conv3(u) + u  # sparse, no activation
         w = z + self.offset  # broadcasting: plain
         v = self.conv3(w) + z
         v.mul_(1.0)  # written into in place: plain
@@ -75,8 +78,10 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
     with_sums = sc.convert(net, **options)
     sums = [m for m in with_sums.modules() if isinstance(m, SparseSum)]
     # every sum of two tensors not written into in place; the ReLU module after the first fused
-    assert [s.activation is not None for s in sums] == [True, False, False, False]
+    assert [s.activation is not None for s in sums] == [True, False, False, False, False]
+    assert isinstance(with_sums.up, SparseUpsample)
     monkeypatch.setattr(convert_module, "follow_sums", lambda model: 0)
+    monkeypatch.setattr(convert_module, "upsample_factor", lambda module: None)
     without = sc.convert(net, **options)
     for model in (with_sums, without):  # every layer skipping: the sums see revisions every frame
         for _, layer in sc.engine.skip_layers(model):
@@ -92,11 +97,11 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
             dense = [net(frame) for frame in stream]
         assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
     # sums of a broadcast or of a plain tensor stay plain: no state
-    assert [s.out is not None for s in sums] == [True, True, False, False]
+    assert [s.out is not None for s in sums] == [True, True, True, False, False]
     # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
-    relu_sum = sums[0]
-    whole = relu_sum.out[0, 0].numel() * (len(stream) - 1)
-    assert 0 < relu_sum.pixels_written < whole
+    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
+        whole = op.out[0, 0].numel() // input_pixels * (len(stream) - 1)
+        assert 0 < op.pixels_written < whole, type(op).__name__
     # copies survive: a deep copy runs the same way
     twin = copy.deepcopy(with_sums)
     sc.reset(twin)
@@ -117,3 +122,66 @@ def test_sums_stay_plain_under_the_reference_backend_and_autograd() -> None:
     assert sums[0].out is None
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_exact_nearest_upsampling_is_followed() -> None:
+    assert upsample_factor(nn.Upsample(scale_factor=2)) == (2, 2)
+    assert upsample_factor(nn.Upsample(scale_factor=(4.0, 2.0))) == (4, 2)
+    for module in (
+        nn.Upsample(scale_factor=3),  # 1/3 is not exact: the source row could round to the next
+        nn.Upsample(scale_factor=1.5),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.Upsample(size=(8, 8)),
+        nn.UpsamplingNearest2d(scale_factor=2),
+    ):
+        assert upsample_factor(module) is None, module
+
+
+class Branches(nn.Module):
+    """A module called with a list of maps (as HRNet's modules are): traced on its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(16, 16, 3, 1, 1) for _ in range(2))
+        self.relu = nn.ReLU()
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.relu(self.convs[i](x) + x) for i, x in enumerate(xs)]
+
+
+class TwoResolutions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.branches = Branches()
+        self.up = nn.Upsample(scale_factor=2)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        high, low = self.branches([x, self.down(x)])
+        return self.head(high + self.up(low))
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_a_forward_taking_lists_is_traced_on_its_first_call(stream: torch.Tensor, monkeypatch) -> None:
+    torch.manual_seed(0)
+    net = TwoResolutions().eval()
+    model = sc.convert(net, threshold=0.2, block=2, backend="sparse")
+    monkeypatch.setattr(convert_module, "follow_sums", lambda model: 0)
+    monkeypatch.setattr(convert_module, "upsample_factor", lambda module: None)
+    without = sc.convert(net, threshold=0.2, block=2, backend="sparse")
+    for converted in (model, without):
+        for _, layer in sc.engine.skip_layers(converted):
+            layer.crossover = 1.0
+    assert not any(isinstance(m, SparseSum) for m in model.branches.modules()), "not traced before a call"
+    (got, _), (expected, _) = run(model, stream), run(without, stream)
+    sums = [m for m in model.branches.modules() if isinstance(m, SparseSum)]
+    assert len(sums) == 2 and all(s.activation is not None and s.pixels_written > 0 for s in sums)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # a list of another length runs the forward as written
+    x = torch.rand(1, 16, 8, 8)
+    with torch.no_grad():
+        (only,) = model.branches([x])
+        torch.testing.assert_close(only, torch.relu(model.branches.convs[0](x) + x))

@@ -1,0 +1,325 @@
+"""Ops between Skip-Conv layers that follow the sparsity: residual sums and nearest upsampling.
+
+Between convolutions most networks add maps (residual shortcuts), often followed by an activation, and
+upsample maps to add them to finer ones (HRNet's fuse layers, FPNs). Dense, such an op costs a pass over
+the whole map every frame, and its output is a fresh tensor that the next Skip-Conv layer must scan whole to
+find what changed (HRNet-w32: ~10 ms a frame of adds and ReLUs, and a full scan in every layer reading a
+block's output, also on frames where nothing moved).
+
+These ops keep their output as state. When their inputs are outputs of the sparse backend's layers (or of
+other such ops) whose changes since the last frame are known (their ``Revision`` and mark map, see
+``backends.sparse``), they recompute only the pixels their inputs wrote; their output carries its own
+revision and marks, so the layers reading it scan incrementally. Everything else (other inputs,
+broadcasting, autograd, layouts or devices the C++ step does not cover) runs the plain op.
+
+``convert`` (sparse backend) replaces ``nn.Upsample`` modules (nearest, power-of-two factors) by
+:class:`SparseUpsample`, and, with ``follow_sums``, each ``a + b`` between two tensors in the forward of the
+model's blocks (a symbolic trace of each module's own forward, its children as leaves) by a
+:class:`SparseSum`; an activation module that alone reads the sum is applied by the sum.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from skipconv_cli.engine.activations import CLAMP, FusedActivation, activate_, activation_of
+from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
+from skipconv_cli.engine.backends import native
+from skipconv_cli.engine.backends.sparse import Revision, revision_of
+
+ADDS = (operator.add, torch.add)
+IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+
+
+class FollowsSparsity(nn.Module):
+    """The state of an op that follows the sparsity: its output (handed out as is, valid until its next
+    call), the mark map of its last write, its revision, and what it last read."""
+
+    # set on every call: past ``nn.Module.__setattr__`` (its checks cost ~1 us each, ~2 ms a frame on HRNet)
+    _CALL_ATTRIBUTES = frozenset({"out", "marks", "revision", "inputs", "version", "pixels_written"})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._CALL_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: torch.Tensor | None = None
+        self.marks: torch.Tensor | None = None  # uint8 [N, H, W]: 2 where the last step wrote
+        self.revision = Revision()
+        self.inputs: tuple | None = None  # (weakref, revision number) per input at the last call
+        self.version = 0  # out's version counter after the last call (a write into it downstream)
+        self.pixels_written = 0  # since the stream's state was laid out (tests, statistics)
+
+    @staticmethod
+    def covered(*tensors: torch.Tensor) -> bool:
+        """What the C++ ops cover: float32 channels_last CPU maps with a revision, no autograd."""
+        return all(
+            isinstance(t, torch.Tensor)
+            and revision_of(t) is not None
+            and t.dim() == 4
+            and t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.is_grad_enabled() and t.requires_grad)
+            for t in tensors
+        ) and native.extension() is not None
+
+    def changes(self, *tensors: torch.Tensor) -> list | None:
+        """Per input: None (unchanged) or the mark map of its one write since the last call; None overall
+        when that is not known (another tensor, more writes, a new stream, the output written into)."""
+        out = self.out
+        if self.inputs is None or out is None:
+            return None
+        if out.is_inference() or any(t.is_inference() for t in tensors) or out._version != self.version:
+            return None
+        found = []
+        for t, (ref, number) in zip(tensors, self.inputs, strict=True):
+            revision = revision_of(t)
+            if t is not ref():
+                return None
+            if revision.number == number:
+                found.append(None)
+            elif revision.number == number + 1 and revision.marked == revision.number:
+                found.append(revision.marks)
+            else:
+                return None
+        return found
+
+    def lay_out(self, out: torch.Tensor) -> None:
+        """``out`` (a fresh output) becomes the state."""
+        self.out = out
+        self.marks = torch.zeros((out.shape[0], out.shape[2], out.shape[3]), dtype=torch.uint8)
+        self.revision = Revision()
+        out.skipconv_state = True  # a model output that is state is copied for the caller
+        out.skipconv_revision = self.revision
+        self.pixels_written = 0
+
+    def wrote(self, pixels: int | None) -> None:
+        """After a write: ``pixels`` written where the mark map says; None: everywhere, the map not kept."""
+        revision = self.revision
+        if pixels is None:
+            revision.number += 1
+            revision.marks, revision.marked = None, -1
+            return
+        self.pixels_written += pixels
+        if pixels:
+            revision.number += 1
+            revision.marks, revision.marked = self.marks, revision.number
+        else:  # the mark map was cleared: it no longer describes the last write
+            revision.marks, revision.marked = None, -1
+
+    def hand_out(self, *tensors: torch.Tensor) -> torch.Tensor:
+        self.inputs = tuple((weakref.ref(t), revision_of(t).number) for t in tensors)
+        self.version = 0 if self.out.is_inference() else self.out._version
+        return self.out
+
+    def drop(self) -> None:
+        self.out = self.inputs = None
+
+
+class SparseSum(FollowsSparsity):
+    """``activation(a + b)``, recomputed only where ``a`` or ``b`` changed when that is known."""
+
+    def __init__(self, activation: tuple[int, float, float] | None = None) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not (self.covered(a, b) and a.shape == b.shape):
+            self.drop()
+            return self._plain(a, b)
+        changes = self.changes(a, b)
+        if changes is None:
+            if self.out is None or self.out.shape != a.shape:
+                self.lay_out(torch.empty_like(a, memory_format=torch.channels_last))
+            torch.add(a, b, out=self.out)
+            if self.activation is not None:
+                activate_(self.out, self.activation)
+            self.wrote(None)
+        elif changes[0] is not None or changes[1] is not None:
+            activation = self.activation or (NO_ACTIVATION, 0.0, 0.0)
+            self.wrote(native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks))
+        return self.hand_out(a, b)
+
+    def _plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a + b
+        if self.activation is None or not isinstance(out, torch.Tensor):
+            return out
+        kind, low, high = self.activation
+        if torch.is_grad_enabled() and out.requires_grad:  # out of place under autograd
+            out = out.clamp(low, high) if kind == CLAMP else F.silu(out)
+            out.skipconv_activation = self.activation
+            return out
+        return activate_(out, self.activation)
+
+
+class SparseUpsample(FollowsSparsity):
+    """An ``nn.Upsample`` (nearest, power-of-two factors) that copies only the pixels its input wrote
+    when that is known; otherwise the module it wraps."""
+
+    def __init__(self, upsample: nn.Upsample) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.factor = upsample_factor(upsample)
+
+    def _write(self, x: torch.Tensor, marks: torch.Tensor | None) -> int:
+        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.covered(x):
+            self.drop()
+            return self.upsample(x)
+        changes = self.changes(x)
+        if changes is None:
+            shape = (x.shape[0], x.shape[1], x.shape[2] * self.factor[0], x.shape[3] * self.factor[1])
+            if self.out is None or self.out.shape != shape:
+                self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
+            self._write(x, None)
+            self.wrote(None)
+        elif changes[0] is not None:
+            self.wrote(self._write(x, changes[0]))
+        return self.hand_out(x)
+
+
+def upsample_factor(module: nn.Module) -> tuple[int, int] | None:
+    """(fh, fw) of an ``nn.Upsample`` that :class:`SparseUpsample` can follow: nearest, scale factors that
+    are powers of two (exact in floating point, so the output pixel's source is exactly ``oy // fh``)."""
+    if type(module) is not nn.Upsample or module.mode != "nearest" or module.size is not None:
+        return None
+    factors = module.scale_factor if isinstance(module.scale_factor, tuple) else (module.scale_factor,) * 2
+    if len(factors) != 2 or module.recompute_scale_factor:
+        return None
+    ints = tuple(int(f) for f in factors)
+    if any(f != i or i < 1 or i & (i - 1) for f, i in zip(factors, ints, strict=True)):
+        return None
+    return ints
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return node.op == "call_function" and node.target in IN_PLACE_OPERATORS
+
+
+class _OwnForwardTracer(fx.Tracer):
+    """Traces one module's own forward: every child module is a leaf."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return True
+
+
+def follow_sums(model: nn.Module) -> int:
+    """Replaces, in place, each sum of two tensors in the forward of ``model``'s own (non-``torch.nn``)
+    modules by a :class:`SparseSum`, fusing an activation module that alone reads it. A forward that
+    takes lists of tensors (HRNet's modules: one map per branch) is traced on its first call, when their
+    lengths are known; modules whose forward cannot be traced run as written. Returns how many sums were
+    replaced now."""
+    replaced = 0
+    for module in list(model.modules()):
+        if type(module).__module__.startswith("torch.") or not list(module.children()):
+            continue
+        if isinstance(module, (FollowsSparsity, FusedActivation, fx.GraphModule)):
+            continue
+        try:
+            graph = _OwnForwardTracer().trace(module)
+        except Exception:  # control flow on values, lists of tensors, unsupported calls
+            module.register_forward_pre_hook(_trace_on_first_call)
+            continue
+        replaced += _rewrite(module, graph)
+    return replaced
+
+
+def _rewrite(module: nn.Module, graph: fx.Graph, guard: Callable[..., bool] | None = None) -> int:
+    count = _replace_sums(module, graph)
+    if count:
+        traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        if guard is None:  # the instance's forward: the module keeps its type and state
+            module.forward = traced.forward
+        else:
+            written = module.forward
+
+            def forward(*args: object) -> object:
+                return traced(*args) if guard(*args) else written(*args)
+
+            module.forward = forward
+    return count
+
+
+def _trace_on_first_call(module: nn.Module, args: tuple) -> None:
+    """Traces ``module``'s forward with each list (or tuple) of tensors it was called with unpacked, and
+    rewrites its sums; later calls with lists of other lengths run the forward as written."""
+    for handle_id, hook in list(module._forward_pre_hooks.items()):
+        if hook is _trace_on_first_call:
+            del module._forward_pre_hooks[handle_id]
+    names = list(inspect.signature(module.forward).parameters)
+    lengths = {
+        index: len(arg)
+        for index, arg in enumerate(args)
+        if isinstance(arg, (list, tuple)) and arg and all(isinstance(t, torch.Tensor) for t in arg)
+    }
+    if not lengths or len(args) > len(names):
+        return
+    concrete = {names[i]: [fx.PH] * n for i, n in lengths.items()}
+    try:
+        graph = _OwnForwardTracer().trace(module, concrete_args=concrete)
+    except Exception:
+        return
+
+    def same_lengths(*call_args: object) -> bool:
+        return len(call_args) == len(args) and all(
+            isinstance(call_args[i], (list, tuple)) and len(call_args[i]) == n for i, n in lengths.items()
+        )
+
+    _rewrite(module, graph, guard=same_lengths)
+
+
+def _replace_sums(module: nn.Module, graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        is_add = (node.op == "call_function" and node.target in ADDS) or (
+            node.op == "call_method" and node.target == "add"
+        )
+        if not is_add or len(node.args) != 2 or node.kwargs:
+            continue
+        if not all(isinstance(arg, fx.Node) for arg in node.args):
+            continue
+        activation, fused = None, None
+        if len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module":
+                target = module.get_submodule(user.target)
+                if isinstance(target, FusedActivation):
+                    target = target.activation
+                activation = activation_of(target)
+                fused = user if activation is not None else None
+        if any(_writes_in_place(user) for user in (fused or node).users):
+            continue  # the output is state: a write into it would hide changes from the next layers
+        name = f"skipconv_sum{count}"
+        while hasattr(module, name):
+            name += "_"
+        module.add_module(name, SparseSum(activation))
+        last = fused or node
+        with graph.inserting_after(last):
+            summed = graph.call_module(name, args=node.args)
+        last.replace_all_uses_with(summed)
+        if fused is not None:
+            graph.erase_node(fused)
+        graph.erase_node(node)
+        count += 1
+    graph.lint()
+    return count
