@@ -14,6 +14,7 @@ from torch import nn
 import skipconv_cli as sc
 from skipconv_cli.engine.backends import native, sparse
 from skipconv_cli.engine.elementwise import SparseSum, SparseUpsample, upsample_factor
+from skipconv_cli.pipeline.profile import state_bytes_per_stream
 from tests.conftest import read_frames
 
 convert_module = sys.modules["skipconv_cli.engine.convert"]
@@ -102,6 +103,10 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
     for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
         whole = op.out[0, 0].numel() // input_pixels * (len(stream) - 1)
         assert 0 < op.pixels_written < whole, type(op).__name__
+    # their outputs and mark maps count as stream state
+    layers_only = sum(layer.state_bytes() for _, layer in sc.engine.skip_layers(with_sums))
+    followers = sum(op.state_bytes() for op in (*sums, with_sums.up))
+    assert followers > 0 and state_bytes_per_stream(with_sums) == layers_only + followers
     # copies survive: a deep copy runs the same way
     twin = copy.deepcopy(with_sums)
     sc.reset(twin)

@@ -11,9 +11,11 @@ from skipconv_cli.engine.convert import (
     set_thresholds,
     skip_layers,
 )
+from skipconv_cli.engine.elementwise import FollowsSparsity
 from skipconv_cli.engine.skip_conv import SkipConv2d
 
 __all__ = [
+    "FollowsSparsity",
     "SkipConv2d",
     "convert",
     "fold_batchnorms",

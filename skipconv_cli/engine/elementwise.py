@@ -126,6 +126,10 @@ class FollowsSparsity(nn.Module):
     def drop(self) -> None:
         self.out = self.inputs = None
 
+    def state_bytes(self) -> int:
+        """Bytes of stream state held: the output and its mark map."""
+        return sum(t.untyped_storage().nbytes() for t in (self.out, self.marks) if t is not None)
+
 
 class SparseSum(FollowsSparsity):
     """``activation(a + b)``, recomputed only where ``a`` or ``b`` changed when that is known."""

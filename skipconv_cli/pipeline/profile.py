@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from skipconv_cli.engine import (
+    FollowsSparsity,
     SkipConv2d,
     fold_batchnorms,
     fuse_activations,
@@ -87,8 +88,10 @@ def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def state_bytes_per_stream(model: nn.Module, streams: int = 1) -> int:
-    """Bytes of stream state (reference inputs, outputs, backend buffers) held per stream."""
-    return sum(m.state_bytes() for m in model.modules() if isinstance(m, SkipConv2d)) // streams
+    """Bytes of stream state (reference inputs, outputs, backend buffers; the outputs of the sums and
+    upsamplings that follow the sparsity) held per stream."""
+    held = (m.state_bytes() for m in model.modules() if isinstance(m, (SkipConv2d, FollowsSparsity)))
+    return sum(held) // streams
 
 
 def _tensors(value: object) -> Iterable[torch.Tensor]:
