@@ -37,22 +37,22 @@ def test_pose_run_skips_more_than_half_the_macs(env: dict, tmp_path: Path) -> No
     report, lines, video = tmp_path / "r.json", tmp_path / "p.jsonl", tmp_path / "o.mp4"
     result = skipconv(
         "run", "sample:person", "--task", "pose", "--gate", "output-norm", "--threshold", "0.3",
-        "--max-frames", "100", "--backend", "reference", "--report", str(report), "--predictions", str(lines),
+        "--max-frames", "40", "--backend", "reference", "--report", str(report), "--predictions", str(lines),
         "--output", str(video),
         env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
-    assert data["frames"] == 100
+    assert data["frames"] == 40
     assert data["model"] == "openpose-mbv2-14" and data["task"] == "pose"
     assert data["gate"] == "output-norm" and data["threshold"] == 0.3 and data["block"] == 1
     assert data["resolution"] == [368, 432]
     assert data["macs"]["reduction"] > 2.0, data["macs"]
     assert len(data["layers"]) == 159
     frames = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert [f["frame"] for f in frames] == list(range(100))
+    assert [f["frame"] for f in frames] == list(range(40))
     assert all(len(p["keypoints"]) == 18 for f in frames for p in f["persons"])
-    assert video_frames(video) == 100
+    assert video_frames(video) == 40
     assert "per-layer sparsity" in result.stdout
 
 

@@ -124,7 +124,7 @@ class FollowsSparsity(nn.Module):
         return self.out
 
     def drop(self) -> None:
-        self.out = self.inputs = None
+        self.out = self.marks = self.inputs = None
 
     def state_bytes(self) -> int:
         """Bytes of stream state held: the output and its mark map."""
