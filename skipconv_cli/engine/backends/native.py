@@ -6,7 +6,9 @@ microseconds of dispatch each, that upkeep cost more than oneDNN's whole dense c
 depthwise layers that fill mobile networks, so skipping lost even where most of the map was still. The C++
 step walks each map once for the residual norm, works on one-byte maps for the gate and the footprint, copies
 contiguous channels_last rows for the reference update, the gather and the write-back, and leaves the
-convolution itself to oneDNN (``at::conv2d`` on the stack of tiles).
+arithmetic to oneDNN/BLAS (``at::conv2d`` on the stack of tiles, or ``addmm`` over the gathered receptive
+fields of the output pixels to write). The same extension holds the sums and upsampling that follow the
+sparsity between layers (``engine.elementwise``).
 
 The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about
 30 s, then cached by PyTorch). Where that fails (no compiler), or for what the kernel does not cover

@@ -19,7 +19,9 @@ owned inputs take their new value (``torch.where`` into ``x_pad``), then either
   from ``x_pad`` with one ``index_select``, convolved with padding 0 in one ``F.conv2d`` call, and written
   into ``z`` with one ``index_copy_``; or
 - dense: ``z = conv(x_pad)`` when more tiles are active than the layer's measured crossover.
-On the CPU one C++ call does all of that (``native.py``, ``skip_step.cpp``); elsewhere the PyTorch ops below.
+On the CPU one C++ call does all of that (``native.py``, ``skip_step.cpp``), and for ungrouped and depthwise
+convs it recomputes the outputs to write one pixel each instead of tiles (``pixel_matrix``); elsewhere the
+PyTorch ops below.
 
 Which frames skip at all (auto-tuned layers): a layer whose gate alone costs about its convolution runs plain
 convolutions with no state ("plain"); after a busy frame (dense recompute, or slower than the plain conv) a
