@@ -196,8 +196,8 @@ class NativeMaps:
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
     # a learned (Gumbel) gate's weights on |r| per channel, read when the stream's state is laid out
     channel_weights: torch.Tensor | None = None
-    # an ungrouped conv's weight as a [kh * kw * C, C_out] matrix: the step recomputes output pixels (see
-    # ``pixel_matrix``) instead of tiles
+    # the weight as the pixel path reads it (see ``pixel_matrix``): set, the step recomputes output pixels
+    # instead of tiles
     pixel_weight: torch.Tensor | None = None
 
 
