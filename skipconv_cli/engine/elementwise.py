@@ -26,11 +26,10 @@ import weakref
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from skipconv_cli.engine.activations import CLAMP, FusedActivation, activate_, activation_of
 from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
+from skipconv_cli.engine.activations import FusedActivation, activate_, activation_of
 from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.backends.sparse import Revision, revision_of
 
@@ -162,11 +161,7 @@ class SparseSum(FollowsSparsity):
         out = a + b
         if self.activation is None or not isinstance(out, torch.Tensor):
             return out
-        kind, low, high = self.activation
-        if torch.is_grad_enabled() and out.requires_grad:  # out of place under autograd
-            out = out.clamp(low, high) if kind == CLAMP else F.silu(out)
-            out.skipconv_activation = self.activation
-            return out
+        # in place on the fresh sum, autograd included (the sum's backward does not read its output)
         return activate_(out, self.activation)
 
 

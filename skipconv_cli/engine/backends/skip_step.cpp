@@ -267,6 +267,9 @@ std::vector<int64_t> skip_step(
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
   // 6'. pixels: the outputs to write (forced: every output of the given tiles), their receptive fields
   // gathered as rows (tap by tap, C contiguous floats each), one matrix product, write-back
+  auto tap_pixel = [&](int64_t n, int64_t oy, int64_t ox, int64_t ky, int64_t kx) {
+    return pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
+  };
   auto recompute_pixels = [&](const at::Tensor& matrix, int64_t tile_count) -> int64_t {
     std::vector<int64_t> pixels;  // flat (n, oy, ox)
     if (path == 3) {
@@ -299,7 +302,7 @@ std::vector<int64_t> skip_step(
           float* a = acc.data();
           for (int64_t ky = 0; ky < g.kh; ++ky)
             for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const float* src = pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
+              const float* src = tap_pixel(n, oy, ox, ky, kx);
               const float* w = wd + (ky * g.kw + kx) * C;
 #pragma omp simd
               for (int64_t ch = 0; ch < C; ++ch) a[ch] += w[ch] * src[ch];
@@ -318,7 +321,7 @@ std::vector<int64_t> skip_step(
         float* dst = cd + i * row_len;
         for (int64_t ky = 0; ky < g.kh; ++ky)
           for (int64_t kx = 0; kx < g.kw; ++kx, dst += C)
-            std::memcpy(dst, pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw), C * sizeof(float));
+            std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), C * sizeof(float));
       }
     });
     at::Tensor out = bias.has_value() ? at::addmm(*bias, columns, matrix) : at::mm(columns, matrix);
