@@ -55,7 +55,9 @@ def run_both(
 
     Returns both models, the worst output difference up to the first frame where some layer's gate
     differs between the backends (after that the streams may legitimately differ by a pending change),
-    the output scale, and how many (layer, frame) gates differed.
+    the output scale, and how many (layer, frame) gates differed. At threshold 0 a busy frame (the sparse
+    layer takes the whole frame, its scan may stop early) is no divergence: the reference takes every
+    changed input too.
     """
     reference = sc.convert(dense_model, **options)
     fast = sc.convert(dense_model, backend="sparse", **options)
@@ -65,13 +67,22 @@ def run_both(
     for _, layer in sc.engine.skip_layers(fast):
         layer.crossover = crossover
     worst, scale, gate_mismatches = 0.0, 0.0, 0
+    exact_takes = options.get("threshold") == 0.0
+
+    def busy_counts() -> list[int]:
+        return [layer.backend_stats()["dense_frames"] for _, layer in sc.engine.skip_layers(fast)]
+
     with torch.no_grad():
         for frame in stream:
+            busy_before = busy_counts()
             expected, got = reference(frame), fast(frame)
+            busy = [after > before for before, after in zip(busy_before, busy_counts(), strict=True)]
             scale = max(scale, expected.abs().max().item())
             pairs = zip(sc.engine.skip_layers(reference), sc.engine.skip_layers(fast), strict=True)
-            for (_, a), (_, b) in pairs:
+            for ((_, a), (_, b)), took_frame in zip(pairs, busy, strict=True):
                 if a.last_gate is None or b.last_gate is None:  # a plain (gateless) sparse layer
+                    continue
+                if took_frame and exact_takes:
                     continue
                 if not torch.equal(a.last_gate, b.last_gate):
                     gate_mismatches += 1
@@ -161,6 +172,32 @@ def test_forced_dense_and_forced_sparse_agree(video_stream: torch.Tensor, kernel
     for (_, layer), stats in zip(sc.engine.skip_layers(always_dense), dense_stats, strict=True):
         assert layer.layer_stats()["active_fraction"] == stats["dense_frames"] / frames
     assert executed(always_dense) > executed(always_sparse)
+    # threshold 0: every busy frame (the scan stops early, the whole frame is taken) stays exact
+    _, _, worst_busy, scale, mismatches = run_both(
+        model, video_stream, crossover=0.0, **{**options, "threshold": 0.0}
+    )
+    assert mismatches == 0 and worst_busy <= 1e-4 * scale
+
+
+@pytest.mark.skipif(sparse.native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_busy_scan_stops_once_more_tiles_than_the_crossover_are_active() -> None:
+    """A frame that changes everywhere is decided busy after the first bands of the scan: the residual of
+    the rows after them is never computed; every block counts as gated, every output as written."""
+    layer = sc.SkipConv2d(16, 16, 3, padding=1, threshold=0.0, backend="sparse")
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.rand(1, 16, 128, 128, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        layer(first)
+        state = layer._sparse_state
+        state.crossover = 0.1
+        tiles, computed, path, _ = sparse.native_step(
+            layer, state, second.contiguous(memory_format=torch.channels_last)
+        )
+    maps = state.maps
+    assert path == sparse.native.PATH_DENSE and computed == 128 * 128
+    assert 0.1 * state.plan.tiles_per_sample < tiles < state.plan.tiles_per_sample
+    assert (maps.r_abs[0, :32] > 0).all() and (maps.r_abs[0, -32:] == 0).all(), "the scan went on"
+    assert maps.gate.all() and (maps.mark == 2).all()
 
 
 def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, monkeypatch) -> None:

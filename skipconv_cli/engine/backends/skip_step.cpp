@@ -17,6 +17,10 @@ namespace {
 
 // Rows handed to one thread at least: below this a map is walked serially (thread start-up costs more).
 constexpr int64_t kGrainElements = 1 << 14;
+// A full scan runs in at most this many bands, one per this many grains of the input at least (each band
+// starts two parallel loops: small maps scan in one).
+constexpr int64_t kScanBands = 4;
+constexpr int64_t kGrainsPerBand = 8;
 
 int64_t grain_rows(int64_t elements_per_row) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
@@ -71,7 +75,8 @@ inline void write_row(float* dst, const float* src, int64_t count, int64_t act, 
 }
 
 // Returns {active tiles, computed outputs, path, outputs run} where path is 0 idle, 1 tiles, 2 busy (more
-// tiles than the crossover: nothing is updated, the caller takes the whole frame), 3 forced (timing only:
+// tiles than the crossover: nothing is updated, the caller takes the whole frame; every block counts as
+// gated, and the tiles counted are those found before the scan stopped), 3 forced (timing only:
 // the given tiles are recomputed and written whole; the reference is not touched), and outputs run counts
 // what the convolution computed (halo and overlap of tiles included).
 // pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [kh * kw * C,
@@ -136,7 +141,7 @@ std::vector<int64_t> skip_step(
   // (input_marks == 2; no marks: nothing was written) — the step keeps r_abs at 0 where it takes inputs.
   const float* cw = channel_weights.has_value() ? channel_weights->data_ptr<float>() : nullptr;
   const uint8_t* im = input_marks.has_value() ? input_marks->data_ptr<uint8_t>() : nullptr;
-  if (!incremental || im) at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
+  auto residual_rows = [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, y = row % g.h;
       const float* xr = xd + row * g.w * C;
@@ -158,7 +163,7 @@ std::vector<int64_t> skip_step(
         out[xx] = total;
       }
     }
-  });
+  };
   // 2. gate per block: some output of the block has a support norm above its stream's threshold.
   // Incremental: a block's support norms changed only if it reads a marked pixel, or if it fired last step
   // (its owned inputs were taken); every other block keeps last step's decision, which was off.
@@ -182,7 +187,7 @@ std::vector<int64_t> skip_step(
       }
     }
   }
-  at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), [&](int64_t begin, int64_t end) {
+  auto gate_rows = [&](int64_t begin, int64_t end) {
     for (int64_t brow = begin; brow < end; ++brow) {
       const int64_t n = brow / hb, by = brow % hb;
       const float* map = rd + n * g.h * g.w;
@@ -197,34 +202,70 @@ std::vector<int64_t> skip_step(
             if (support_at(map, g, oy, ox) > limit) { grow[bx] = 1; break; }
       }
     }
-  });
+  };
+  // 3. execution tiles holding an active block, tile row by tile row
+  auto collect_tiles = [&](int64_t n, int64_t ty_begin, int64_t ty_end) {
+    for (int64_t ty = ty_begin; ty < ty_end; ++ty) {
+      for (int64_t tx = 0; tx < tx_count; ++tx) {
+        bool on = false;
+        for (int64_t by = ty * blocks_per_tile; by < std::min(hb, (ty + 1) * blocks_per_tile) && !on; ++by)
+          for (int64_t bx = tx * blocks_per_tile; bx < std::min(wb, (tx + 1) * blocks_per_tile); ++bx)
+            if (gd[(n * hb + by) * wb + bx]) { on = true; break; }
+        if (on) tiles.push_back((n * ty_count + ty) * tx_count + tx);
+      }
+    }
+  };
+  const double busy_above = crossover * g.n * ty_count * tx_count;
+  auto busy_frame = [&]() -> std::vector<int64_t> {
+    // the caller takes the whole frame (reference and output), as a dense frame does; nothing here is
+    // worth doing first (the owned-input update, footprint and masked write-back of a full recompute cost
+    // 2-4x the plain convolution on yolox-nano's layers). Every output is computed: every block counts as
+    // gated (the scan may have stopped early).
+    std::memset(gd, 1, gate.numel());
+    std::memset(md, 2, mark.numel());
+    return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2, 0};
+  };
+  if (incremental || forced) {
+    if (!incremental || im) at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), residual_rows);
+    at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
+    for (int64_t n = 0; n < g.n && !forced; ++n) collect_tiles(n, 0, ty_count);
+  } else {
+    // A full scan runs in bands of tile rows and stops as soon as more tiles are active than the
+    // crossover: a busy frame (moving camera, the probe of a layer in back-off) is decided after the part
+    // of the map that holds that many tiles, not the whole map. The tiles, gates and residuals of a frame
+    // that is not busy are those of one pass over the whole map.
+    const int64_t bands =
+        std::clamp<int64_t>(g.h * g.w * C / (kGrainsPerBand * kGrainElements), 1, std::min(kScanBands, ty_count));
+    const int64_t band = (ty_count + bands - 1) / bands;
+    for (int64_t n = 0; n < g.n; ++n) {
+      int64_t rows_done = 0;
+      for (int64_t ty0 = 0; ty0 < ty_count; ty0 += band) {
+        const int64_t ty1 = std::min(ty_count, ty0 + band);
+        const bool last = ty1 == ty_count;
+        const int64_t by0 = std::min(hb, ty0 * blocks_per_tile);
+        const int64_t by1 = last ? hb : std::min(hb, ty1 * blocks_per_tile);
+        // the input rows the band's outputs read (all that are left, for the last band)
+        const int64_t oy_end = std::min(g.ho, by1 * block);
+        const int64_t y_end =
+            last ? g.h : std::clamp<int64_t>((oy_end - 1) * g.sh - g.ph + g.dh * (g.kh - 1) + 1, 0, g.h);
+        if (y_end > rows_done)
+          at::parallel_for(n * g.h + rows_done, n * g.h + y_end, grain_rows(g.w * C), residual_rows);
+        rows_done = std::max(rows_done, y_end);
+        at::parallel_for(n * hb + by0, n * hb + by1, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
+        collect_tiles(n, ty0, ty1);
+        if (static_cast<double>(tiles.size()) > busy_above) return busy_frame();
+      }
+    }
+  }
   if (forced) {
     const int64_t* f = forced_tiles->data_ptr<int64_t>();
     tiles.assign(f, f + forced_tiles->numel());
   } else {
-    // 3. execution tiles holding an active block
-    for (int64_t n = 0; n < g.n; ++n) {
-      for (int64_t ty = 0; ty < ty_count; ++ty) {
-        for (int64_t tx = 0; tx < tx_count; ++tx) {
-          bool on = false;
-          for (int64_t by = ty * blocks_per_tile; by < std::min(hb, (ty + 1) * blocks_per_tile) && !on; ++by)
-            for (int64_t bx = tx * blocks_per_tile; bx < std::min(wb, (tx + 1) * blocks_per_tile); ++bx)
-              if (gd[(n * hb + by) * wb + bx]) { on = true; break; }
-          if (on) tiles.push_back((n * ty_count + ty) * tx_count + tx);
-        }
-      }
-    }
     if (tiles.empty()) {
       std::memset(md, 0, mark.numel());
       return {0, 0, 0, 0};
     }
-    if (static_cast<double>(tiles.size()) > crossover * g.n * ty_count * tx_count) {
-      // busy: the caller takes the whole frame (reference and output), as a dense frame does; nothing
-      // here is worth doing first (the owned-input update, footprint and masked write-back of a full
-      // recompute cost 2-4x the plain convolution on yolox-nano's layers)
-      std::memset(md, 2, mark.numel());
-      return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2, 0};
-    }
+    if (static_cast<double>(tiles.size()) > busy_above) return busy_frame();
     // 4. the inputs owned by a gated output take their new value
     at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
