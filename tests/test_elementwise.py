@@ -22,7 +22,8 @@ convert_module = sys.modules["skipconv_cli.engine.convert"]
 
 class Block(nn.Module):
     """A residual block (sum then a shared ReLU module, as HRNet's), an upsampled branch added back, a sum
-    without activation, a broadcasting sum and a sum written into in place (both must stay plain)."""
+    without activation, a broadcasting sum and a sum written into in place (both must stay plain), and a
+    sum of two fresh tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,10 +98,11 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
         with torch.no_grad():
             dense = [net(frame) for frame in stream]
         assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
-    # sums of a broadcast or of a plain tensor stay plain: no state
-    assert [s.out is not None for s in sums] == [True, True, True, False, False]
+    # a broadcasting sum stays plain (no state); the last sum reads two fresh tensors (a plain sum's, one
+    # written into in place): it keeps state too, computing every pixel but writing only those that changed
+    assert [s.out is not None for s in sums] == [True, True, True, False, True]
     # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
-    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
+    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (sums[4], 1), (with_sums.up, 4)):  # (up: 2x2 from 1)
         whole = op.out[0, 0].numel() // input_pixels * (len(stream) - 1)
         assert 0 < op.pixels_written < whole, type(op).__name__
     # their outputs and mark maps count as stream state

@@ -180,22 +180,24 @@ def test_forced_dense_and_forced_sparse_agree(video_stream: torch.Tensor, kernel
 
 
 @pytest.mark.skipif(sparse.native.extension() is None, reason="needs the C++ step (built in CI)")
-def test_busy_scan_stops_once_more_tiles_than_the_crossover_are_active() -> None:
-    """A frame that changes everywhere is decided busy after the first bands of the scan: the residual of
-    the rows after them is never computed; every block counts as gated, every output as written."""
-    layer = sc.SkipConv2d(16, 16, 3, padding=1, threshold=0.0, backend="sparse")
+@pytest.mark.parametrize("groups", [1, 4])  # the pixel path counts blocks, the tile path tiles
+def test_busy_scan_stops_once_more_units_than_the_crossover_are_active(groups: int) -> None:
+    """A frame that changes everywhere is decided busy after the first band of the scan: the residual of
+    the rows after it is never computed; every block counts as gated, every output as written."""
+    layer = sc.SkipConv2d(16, 16, 3, padding=1, groups=groups, threshold=0.0, block=4, backend="sparse")
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.rand(1, 16, 128, 128, generator=generator) for _ in range(2))
     with torch.no_grad():
         layer(first)
         state = layer._sparse_state
         state.crossover = 0.1
-        tiles, computed, path, _ = sparse.native_step(
+        units, computed, path, _ = sparse.native_step(
             layer, state, second.contiguous(memory_format=torch.channels_last)
         )
-    maps = state.maps
+    maps, total = state.maps, sparse.units_per_sample(state)
+    assert total == (32 * 32 if groups == 1 else state.plan.tiles_per_sample)
     assert path == sparse.native.PATH_DENSE and computed == 128 * 128
-    assert 0.1 * state.plan.tiles_per_sample < tiles < state.plan.tiles_per_sample
+    assert 0.1 * total < units <= total // 2
     assert (maps.r_abs[0, :32] > 0).all() and (maps.r_abs[0, -32:] == 0).all(), "the scan went on"
     assert maps.gate.all() and (maps.mark == 2).all()
 
@@ -467,3 +469,23 @@ def test_incremental_scans_gate_exactly_as_full_scans(
             assert torch.equal(out_a, out_b), (arch, block)
             assert all(torch.equal(a, b) for a, b in zip(gates_a, gates_b, strict=True) if a is not None)
     assert any(incremental_steps), f"{arch}: no layer scanned incrementally"
+
+
+@pytest.mark.skipif(sparse.native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_pixel_layer_on_a_small_map_goes_busy_by_blocks_not_tiles() -> None:
+    """On an 8x8 map one execution tile is the whole map; a change in one corner gates one of the four
+    blocks, which the pixel path recomputes alone (a tile count would have called the frame busy)."""
+    layer = sc.SkipConv2d(16, 16, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    dense = torch.nn.Conv2d(16, 16, 3, padding=1)
+    dense.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    first = torch.rand(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    second = first.clone()
+    second[..., :2, :2] += 1.0
+    with torch.no_grad():
+        layer(first)
+        layer._sparse_state.crossover = 0.5
+        units, _, path, outputs_run = sparse.native_step(
+            layer, layer._sparse_state, second.contiguous(memory_format=torch.channels_last)
+        )
+        assert (units, path, outputs_run) == (1, sparse.native.PATH_TILES, 9)  # outputs [0, 3) x [0, 3)
+        torch.testing.assert_close(layer._sparse_state.z, dense(second), atol=1e-5, rtol=0)

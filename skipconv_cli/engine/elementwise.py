@@ -8,9 +8,12 @@ block's output, also on frames where nothing moved).
 
 These ops keep their output as state. When their inputs are outputs of the sparse backend's layers (or of
 other such ops) whose changes since the last frame are known (their ``Revision`` and mark map, see
-``backends.sparse``), they recompute only the pixels their inputs wrote; their output carries its own
-revision and marks, so the layers reading it scan incrementally. Everything else (other inputs,
-broadcasting, autograd, layouts or devices the C++ step does not cover) runs the plain op.
+``backends.sparse``), they recompute only the pixels their inputs wrote. When an input's changes are not
+known (a fresh tensor: a layer's plain frame, another op's output), they compute every pixel but write,
+and mark, only those whose value changed. Either way their output is the same tensor every frame and
+carries its own revision and marks, so the layers reading it scan incrementally, or not at all when nothing
+changed: one layer in back-off no longer sends every op and layer after it to whole-map work. Broadcasting,
+autograd, and layouts or devices the C++ ops do not cover run the plain op.
 
 ``convert`` (sparse backend) replaces ``nn.Upsample`` modules (nearest, power-of-two factors) by
 :class:`SparseUpsample`, and, with ``follow_sums``, each ``a + b`` between two tensors in the forward of the
@@ -61,30 +64,35 @@ class FollowsSparsity(nn.Module):
 
     @staticmethod
     def covered(*tensors: torch.Tensor) -> bool:
-        """What the C++ ops cover: float32 channels_last CPU maps with a revision, no autograd."""
-        return all(
-            isinstance(t, torch.Tensor)
-            and revision_of(t) is not None
-            and t.dim() == 4
-            and t.dtype == torch.float32
-            and t.device.type == "cpu"
-            and t.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.is_grad_enabled() and t.requires_grad)
-            for t in tensors
-        ) and native.extension() is not None
+        """What the C++ ops cover: float32 channels_last CPU maps, no autograd."""
+        return (
+            all(
+                isinstance(t, torch.Tensor)
+                and t.dim() == 4
+                and t.dtype == torch.float32
+                and t.device.type == "cpu"
+                and t.is_contiguous(memory_format=torch.channels_last)
+                and not (torch.is_grad_enabled() and t.requires_grad)
+                for t in tensors
+            )
+            and native.extension() is not None
+        )
+
+    def intact(self) -> bool:
+        """The output holds what the last call wrote (nothing downstream wrote into it)."""
+        out = self.out
+        return out is not None and not out.is_inference() and out._version == self.version
 
     def changes(self, *tensors: torch.Tensor) -> list | None:
         """Per input: None (unchanged) or the mark map of its one write since the last call; None overall
-        when that is not known (another tensor, more writes, a new stream, the output written into)."""
-        out = self.out
-        if self.inputs is None or out is None:
-            return None
-        if out.is_inference() or any(t.is_inference() for t in tensors) or out._version != self.version:
+        when that is not known (an input without a revision, another tensor, more writes, a new stream, the
+        output written into)."""
+        if self.inputs is None or not self.intact() or any(t.is_inference() for t in tensors):
             return None
         found = []
         for t, (ref, number) in zip(tensors, self.inputs, strict=True):
             revision = revision_of(t)
-            if t is not ref():
+            if revision is None or t is not ref():
                 return None
             if revision.number == number:
                 found.append(None)
@@ -118,7 +126,7 @@ class FollowsSparsity(nn.Module):
             revision.marks, revision.marked = None, -1
 
     def hand_out(self, *tensors: torch.Tensor) -> torch.Tensor:
-        self.inputs = tuple((weakref.ref(t), revision_of(t).number) for t in tensors)
+        self.inputs = tuple((weakref.ref(t), getattr(revision_of(t), "number", None)) for t in tensors)
         self.version = 0 if self.out.is_inference() else self.out._version
         return self.out
 
@@ -145,16 +153,23 @@ class SparseSum(FollowsSparsity):
             self.drop()
             return self._plain(a, b)
         changes = self.changes(a, b)
-        if changes is None:
+        activation = self.activation or (NO_ACTIVATION, 0.0, 0.0)
+        if changes is not None:
+            if changes[0] is not None or changes[1] is not None:
+                self.wrote(
+                    native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks, False)
+                )
+        elif self.out is not None and self.out.shape == a.shape and self.intact():
+            self.wrote(
+                native.extension().add_marked(a, b, self.out, None, None, *activation, self.marks, True)
+            )
+        else:
             if self.out is None or self.out.shape != a.shape:
                 self.lay_out(torch.empty_like(a, memory_format=torch.channels_last))
             torch.add(a, b, out=self.out)
             if self.activation is not None:
                 activate_(self.out, self.activation)
             self.wrote(None)
-        elif changes[0] is not None or changes[1] is not None:
-            activation = self.activation or (NO_ACTIVATION, 0.0, 0.0)
-            self.wrote(native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks))
         return self.hand_out(a, b)
 
     def _plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -174,22 +189,25 @@ class SparseUpsample(FollowsSparsity):
         self.upsample = upsample
         self.factor = upsample_factor(upsample)
 
-    def _write(self, x: torch.Tensor, marks: torch.Tensor | None) -> int:
-        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks)
+    def _write(self, x: torch.Tensor, marks: torch.Tensor | None, compare: bool = False) -> int:
+        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks, compare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.covered(x):
             self.drop()
             return self.upsample(x)
         changes = self.changes(x)
-        if changes is None:
-            shape = (x.shape[0], x.shape[1], x.shape[2] * self.factor[0], x.shape[3] * self.factor[1])
+        shape = (x.shape[0], x.shape[1], x.shape[2] * self.factor[0], x.shape[3] * self.factor[1])
+        if changes is not None:
+            if changes[0] is not None:
+                self.wrote(self._write(x, changes[0]))
+        elif self.out is not None and self.out.shape == shape and self.intact():
+            self.wrote(self._write(x, None, compare=True))
+        else:
             if self.out is None or self.out.shape != shape:
                 self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
             self._write(x, None)
             self.wrote(None)
-        elif changes[0] is not None:
-            self.wrote(self._write(x, changes[0]))
         return self.hand_out(x)
 
 

@@ -74,11 +74,12 @@ inline void write_row(float* dst, const float* src, int64_t count, int64_t act, 
   }
 }
 
-// Returns {active tiles, computed outputs, path, outputs run} where path is 0 idle, 1 tiles, 2 busy (more
-// tiles than the crossover: nothing is updated, the caller takes the whole frame; every block counts as
-// gated, and the tiles counted are those found before the scan stopped), 3 forced (timing only:
-// the given tiles are recomputed and written whole; the reference is not touched), and outputs run counts
-// what the convolution computed (halo and overlap of tiles included).
+// Returns {active units, computed outputs, path, outputs run} where units are execution tiles, or blocks on
+// the pixel path, path is 0 idle, 1 sparse, 2 busy (a larger fraction of units active than the crossover:
+// nothing is updated, the caller takes the whole frame; every block counts as gated, and the units counted
+// are those found before the scan stopped), 3 forced (timing only: the outputs of the given units, flat
+// indices, are recomputed and written whole; the reference is not touched), and outputs run counts what the
+// convolution computed (halo and overlap of tiles included).
 // pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [kh * kw * C,
 // Co]): the written outputs' receptive fields gathered as rows (im2col of those pixels only) and one matrix
 // product. Depthwise convs (float [kh * kw, C]): per pixel, the taps' channel rows times their weights,
@@ -132,7 +133,10 @@ std::vector<int64_t> skip_step(
     return pad + ((n * g.hp + y) * g.wp + xx) * C;
   };
 
-  std::vector<int64_t> tiles;  // flat (n, ty, tx) of the tiles to recompute
+  // the active execution units: tiles, flat (n, ty, tx); on the pixel path blocks, flat (n, by, bx) (what
+  // a pixel layer computes follows its blocks, not tiles: on an 8x8 map one 8x8 tile is the whole map)
+  const bool pixel_path = pixel_weight.has_value();
+  std::vector<int64_t> units;
   const bool forced = forced_tiles.has_value();
   const int64_t path = forced ? 3 : 1;
   // 1. per input pixel: |x - x_ref| summed over channels (weighted per channel for a learned gate; the
@@ -203,19 +207,27 @@ std::vector<int64_t> skip_step(
       }
     }
   };
-  // 3. execution tiles holding an active block, tile row by tile row
-  auto collect_tiles = [&](int64_t n, int64_t ty_begin, int64_t ty_end) {
+  // 3. the active units of tile rows [ty_begin, ty_end): execution tiles holding an active block, or the
+  // active blocks of those rows (the last tile row's: every block row left)
+  auto collect_units = [&](int64_t n, int64_t ty_begin, int64_t ty_end) {
+    if (pixel_path) {
+      const int64_t by_end = ty_end == ty_count ? hb : std::min(hb, ty_end * blocks_per_tile);
+      for (int64_t by = std::min(hb, ty_begin * blocks_per_tile); by < by_end; ++by)
+        for (int64_t bx = 0; bx < wb; ++bx)
+          if (gd[(n * hb + by) * wb + bx]) units.push_back((n * hb + by) * wb + bx);
+      return;
+    }
     for (int64_t ty = ty_begin; ty < ty_end; ++ty) {
       for (int64_t tx = 0; tx < tx_count; ++tx) {
         bool on = false;
         for (int64_t by = ty * blocks_per_tile; by < std::min(hb, (ty + 1) * blocks_per_tile) && !on; ++by)
           for (int64_t bx = tx * blocks_per_tile; bx < std::min(wb, (tx + 1) * blocks_per_tile); ++bx)
             if (gd[(n * hb + by) * wb + bx]) { on = true; break; }
-        if (on) tiles.push_back((n * ty_count + ty) * tx_count + tx);
+        if (on) units.push_back((n * ty_count + ty) * tx_count + tx);
       }
     }
   };
-  const double busy_above = crossover * g.n * ty_count * tx_count;
+  const double busy_above = crossover * g.n * (pixel_path ? hb * wb : ty_count * tx_count);
   auto busy_frame = [&]() -> std::vector<int64_t> {
     // the caller takes the whole frame (reference and output), as a dense frame does; nothing here is
     // worth doing first (the owned-input update, footprint and masked write-back of a full recompute cost
@@ -223,12 +235,12 @@ std::vector<int64_t> skip_step(
     // gated (the scan may have stopped early).
     std::memset(gd, 1, gate.numel());
     std::memset(md, 2, mark.numel());
-    return {static_cast<int64_t>(tiles.size()), g.n * g.ho * g.wo, 2, 0};
+    return {static_cast<int64_t>(units.size()), g.n * g.ho * g.wo, 2, 0};
   };
   if (incremental || forced) {
     if (!incremental || im) at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), residual_rows);
     at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
-    for (int64_t n = 0; n < g.n && !forced; ++n) collect_tiles(n, 0, ty_count);
+    for (int64_t n = 0; n < g.n && !forced; ++n) collect_units(n, 0, ty_count);
   } else {
     // A full scan runs in bands of tile rows and stops as soon as more tiles are active than the
     // crossover: a busy frame (moving camera, the probe of a layer in back-off) is decided after the part
@@ -252,20 +264,30 @@ std::vector<int64_t> skip_step(
           at::parallel_for(n * g.h + rows_done, n * g.h + y_end, grain_rows(g.w * C), residual_rows);
         rows_done = std::max(rows_done, y_end);
         at::parallel_for(n * hb + by0, n * hb + by1, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
-        collect_tiles(n, ty0, ty1);
-        if (static_cast<double>(tiles.size()) > busy_above) return busy_frame();
+        collect_units(n, ty0, ty1);
+        if (static_cast<double>(units.size()) > busy_above) return busy_frame();
       }
     }
   }
   if (forced) {
     const int64_t* f = forced_tiles->data_ptr<int64_t>();
-    tiles.assign(f, f + forced_tiles->numel());
+    units.assign(f, f + forced_tiles->numel());
+    if (pixel_path) {
+      // the inputs the forced blocks own, as if changed: the step then writes what a frame with those
+      // blocks gated writes (their footprint), not just the blocks' own outputs
+      std::vector<uint8_t> on(g.n * hb * wb, 0);
+      for (const int64_t b : units) on[b] = 1;
+      for (int64_t row = 0; row < g.n * g.h; ++row) {
+        const uint8_t* brow = on.data() + (row / g.h * hb + rown[row % g.h] / block) * wb;
+        for (int64_t xx = 0; xx < g.w; ++xx) od[row * g.w + xx] = brow[cown[xx] / block] ? 2 : 0;
+      }
+    }
   } else {
-    if (tiles.empty()) {
+    if (units.empty()) {
       std::memset(md, 0, mark.numel());
       return {0, 0, 0, 0};
     }
-    if (static_cast<double>(tiles.size()) > busy_above) return busy_frame();
+    if (static_cast<double>(units.size()) > busy_above) return busy_frame();
     // 4. the inputs owned by a gated output take their new value
     at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -288,7 +310,7 @@ std::vector<int64_t> skip_step(
     });
   }
   // 5. which outputs are recomputed (footprint of the owned inputs) and which are written
-  // (when forced, from the last frame's owned map: the cost is what is timed, the result is unused)
+  // (forced tiles: from the last frame's owned map, the cost is what is timed, the result is unused)
   const int64_t computed = at::parallel_reduce(
         0, g.n * g.ho, grain_rows(g.wo * g.kh * g.kw), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
@@ -304,29 +326,17 @@ std::vector<int64_t> skip_step(
           return partial;
         },
         std::plus<int64_t>());
-  const int64_t count = static_cast<int64_t>(tiles.size());
+  const int64_t count = static_cast<int64_t>(units.size());
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
-  // 6'. pixels: the outputs to write (forced: every output of the given tiles), their receptive fields
-  // gathered as rows (tap by tap, C contiguous floats each), one matrix product, write-back
+  // 6'. pixels: the outputs to write, their receptive fields gathered as rows (tap by tap, C contiguous
+  // floats each), one matrix product, write-back
   auto tap_pixel = [&](int64_t n, int64_t oy, int64_t ox, int64_t ky, int64_t kx) {
     return pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
   };
-  auto recompute_pixels = [&](const at::Tensor& matrix, int64_t tile_count) -> int64_t {
+  auto recompute_pixels = [&](const at::Tensor& matrix) -> int64_t {
     std::vector<int64_t> pixels;  // flat (n, oy, ox)
-    if (path == 3) {
-      std::vector<uint8_t> want(g.n * g.ho * g.wo, 0);
-      for (int64_t k = 0; k < tile_count; ++k) {
-        const int64_t t = tiles[k];
-        const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
-        for (int64_t i = 0; i < tile_h; ++i)
-          for (int64_t j = 0; j < tile_w; ++j) want[(n * g.ho + trow[ty] + i) * g.wo + tcol[tx] + j] = 1;
-      }
-      for (int64_t p = 0; p < static_cast<int64_t>(want.size()); ++p)
-        if (want[p]) pixels.push_back(p);
-    } else {
-      for (int64_t p = 0; p < g.n * g.ho * g.wo; ++p)
-        if (md[p] == 2) pixels.push_back(p);
-    }
+    for (int64_t p = 0; p < g.n * g.ho * g.wo; ++p)
+      if (md[p] == 2) pixels.push_back(p);
     const int64_t m = static_cast<int64_t>(pixels.size());
     if (m == 0) return 0;
     const int64_t taps = g.kh * g.kw, row_len = taps * C;
@@ -377,7 +387,7 @@ std::vector<int64_t> skip_step(
       write_row(zd + ((n * g.ho + oy) * g.wo + ox) * Co, values, Co, activation, lo, hi);
   };
   if (count == 0) return {0, computed, path, 0};
-  if (pixel_weight.has_value()) return {count, computed, path, recompute_pixels(*pixel_weight, count)};
+  if (pixel_path) return {count, computed, path, recompute_pixels(*pixel_weight)};
   // 6. gather the tiles' input patches (with halo), one batched conv, write back
   at::Tensor patches = at::empty({count, C, patch_h, patch_w},
                                  x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -385,7 +395,7 @@ std::vector<int64_t> skip_step(
   at::parallel_for(0, count * patch_h, grain_rows(patch_w * C), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / patch_h, i = item % patch_h;
-      const int64_t t = tiles[k];
+      const int64_t t = units[k];
       const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
       const float* src = pad_pixel(n, trow[ty] * g.sh + i, tcol[tx] * g.sw);
       std::memcpy(pd + (k * patch_h + i) * patch_w * C, src, patch_w * C * sizeof(float));
@@ -396,7 +406,7 @@ std::vector<int64_t> skip_step(
   const float* outd = out.data_ptr<float>();
   // serial: tiles may overlap, and overlapping outputs must be written in one order (deterministic)
   for (int64_t k = 0; k < count; ++k) {
-    const int64_t t = tiles[k];
+    const int64_t t = units[k];
     const int64_t n = t / (ty_count * tx_count), ty = (t / tx_count) % ty_count, tx = t % tx_count;
     for (int64_t i = 0; i < tile_h; ++i)
       for (int64_t j = 0; j < tile_w; ++j)
@@ -406,11 +416,13 @@ std::vector<int64_t> skip_step(
 }
 
 // out = activation(a + b) at the pixels either input's mark map (uint8 [N, H, W], optional: no map, no
-// change) gives as written (2); marks receives 2 there and 0 elsewhere. a, b, out: the same shape,
-// float32 channels_last. Returns the pixels written.
+// change) gives as written (2); marks receives 2 there and 0 elsewhere. compare: every pixel is computed and
+// written only where its value differs from what out holds (an input's changes are not known; out must be
+// this op's intact last output), so that marks say exactly where the output changed. a, b, out: the same
+// shape, float32 channels_last. Returns the pixels written.
 int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                    const c10::optional<at::Tensor>& marks_a, const c10::optional<at::Tensor>& marks_b,
-                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks) {
+                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks, bool compare) {
   for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&out)})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(at::MemoryFormat::ChannelsLast) &&
                     t->sizes() == out.sizes(),
@@ -426,9 +438,9 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   return at::parallel_reduce(
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
-        std::vector<float> sum(C);
+        std::vector<float> sum(C), value(C);
         for (int64_t p = begin; p < end; ++p) {
-          if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+          if (!compare && !((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
             md[p] = 0;
             continue;
           }
@@ -436,7 +448,16 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
           const float* y = bd + p * C;
 #pragma omp simd
           for (int64_t ch = 0; ch < C; ++ch) sum[ch] = x[ch] + y[ch];
-          write_row(od + p * C, sum.data(), C, activation, lo, hi);
+          if (compare) {
+            write_row(value.data(), sum.data(), C, activation, lo, hi);
+            if (std::memcmp(value.data(), od + p * C, C * sizeof(float)) == 0) {
+              md[p] = 0;
+              continue;
+            }
+            std::memcpy(od + p * C, value.data(), C * sizeof(float));
+          } else {
+            write_row(od + p * C, sum.data(), C, activation, lo, hi);
+          }
           md[p] = 2;
           ++partial;
         }
@@ -447,9 +468,11 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
 
 // Nearest upsampling by integer factors (fh, fw) of the input pixels its mark map (uint8 [N, H, W];
 // none: every pixel) gives as written (2): each is copied into its fh x fw output pixels; marks (uint8
-// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. Returns the input pixels copied.
+// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. compare: every input pixel is copied only where it
+// differs from its first output pixel (out must be this op's intact last output). Returns the input pixels
+// copied.
 int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optional<at::Tensor>& marks_in,
-                        int64_t fh, int64_t fw, at::Tensor& marks) {
+                        int64_t fh, int64_t fw, at::Tensor& marks, bool compare) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.size(0) == x.size(0) &&
@@ -465,7 +488,10 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
       [&](int64_t begin, int64_t end, int64_t partial) {
         for (int64_t row = begin; row < end; ++row) {  // (n, y): output rows (n, y * fh + dy)
           for (int64_t xx = 0; xx < W; ++xx) {
-            const bool take = !mi || mi[row * W + xx] == 2;
+            const float* src = xd + (row * W + xx) * C;
+            bool take = !mi || mi[row * W + xx] == 2;
+            if (take && compare)
+              take = std::memcmp(src, od + (row * fh * Wo + xx * fw) * C, C * sizeof(float)) != 0;
             partial += take;
             for (int64_t dy = 0; dy < fh; ++dy) {
               const int64_t out_row = row * fh + dy;
@@ -473,7 +499,7 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
               std::memset(mrow, take ? 2 : 0, fw);
               if (!take) continue;
               for (int64_t dx = 0; dx < fw; ++dx)
-                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, xd + (row * W + xx) * C, C * sizeof(float));
+                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, src, C * sizeof(float));
             }
           }
         }

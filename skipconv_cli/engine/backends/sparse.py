@@ -18,7 +18,8 @@ owned inputs take their new value (``torch.where`` into ``x_pad``), then either
   output, each widened to the footprint of the inputs its outputs own, are gathered with their input halo
   from ``x_pad`` with one ``index_select``, convolved with padding 0 in one ``F.conv2d`` call, and written
   into ``z`` with one ``index_copy_``; or
-- dense: ``z = conv(x_pad)`` when more tiles are active than the layer's measured crossover.
+- dense: ``z = conv(x_pad)`` when more tiles (pixel path: blocks) are active than the layer's measured
+  crossover.
 On the CPU one C++ call does all of that (``native.py``, ``skip_step.cpp``), and for ungrouped and depthwise
 convs it recomputes the outputs to write one pixel each instead of tiles (``pixel_matrix``); elsewhere the
 PyTorch ops below.
@@ -225,7 +226,7 @@ class SparseState:
     x_ref: torch.Tensor  # the unpadded interior: a view into x_pad
     z: torch.Tensor
     plan: Plan
-    crossover: float = 1.0  # fraction of active tiles above which the dense recompute is faster
+    crossover: float = 1.0  # fraction of active units (``units_per_sample``) above which dense is faster
     tuned: bool = False
     residual: torch.Tensor | None = None  # scratch buffer reused every frame (PyTorch path)
     maps: NativeMaps | None = None  # set when the C++ step runs this layer
@@ -751,6 +752,14 @@ def recompute_tiles(
     z_rows.index_copy_(0, scatter, values)
 
 
+def units_per_sample(state: SparseState) -> int:
+    """What a crossover is a fraction of: the C++ pixel path's gate blocks, else execution tiles."""
+    maps = state.maps
+    if maps is not None and maps.pixel_weight is not None:
+        return maps.gate.shape[1] * maps.gate.shape[2]
+    return state.plan.tiles_per_sample
+
+
 def dense_macs(layer: SkipConv2d, plan: Plan) -> int:
     return macs_per_output_position(layer) * plan.out_hw[0] * plan.out_hw[1]
 
@@ -777,8 +786,8 @@ def tuning_key(layer: SkipConv2d, x: torch.Tensor) -> str:
         f"o{layer.out_channels}", f"g{layer.groups}", "k{}x{}".format(*layer.kernel_size),
         "s{}x{}".format(*layer.stride), "d{}x{}".format(*layer.dilation), "in{}x{}".format(*padded),
         f"t{execution_tile(layer)}", f"b{int(layer.bias is not None)}",
-        # the paths cross over differently
-        ("native-pixels" if pixel_path(layer) else "native") if native.supports(layer, x) else "torch",
+        # the paths cross over differently (the pixel path counts blocks, the others tiles)
+        ("native-pixel-blocks" if pixel_path(layer) else "native") if native.supports(layer, x) else "torch",
     ]  # fmt: skip
     return "-".join(parts)
 
@@ -866,7 +875,7 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
     with torch.no_grad():
         plan, device = state.plan, state.x_pad.device
         n = state.x_pad.shape[0]
-        total = plan.tiles_per_sample * n
+        total = units_per_sample(state) * n
         dense = _median_time(lambda: _conv(layer, state.x_pad), device)
         generator = torch.Generator().manual_seed(0)
         order = torch.randperm(total, generator=generator).to(device)
