@@ -22,8 +22,7 @@ convert_module = sys.modules["skipconv_cli.engine.convert"]
 
 class Block(nn.Module):
     """A residual block (sum then a shared ReLU module, as HRNet's), an upsampled branch added back, a sum
-    without activation, a broadcasting sum and a sum written into in place (both must stay plain), and a
-    sum of two fresh tensors."""
+    without activation, a broadcasting sum and a sum written into in place (both must stay plain)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,8 +81,7 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
     # every sum of two tensors not written into in place; the ReLU module after the first fused
     assert [s.activation is not None for s in sums] == [True, False, False, False, False]
     assert isinstance(with_sums.up, SparseUpsample)
-    monkeypatch.setattr(convert_module, "follow_sums", lambda model: 0)
-    monkeypatch.setattr(convert_module, "upsample_factor", lambda module: None)
+    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
     without = sc.convert(net, **options)
     for model in (with_sums, without):  # every layer skipping: the sums see revisions every frame
         for _, layer in sc.engine.skip_layers(model):
@@ -98,11 +96,10 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
         with torch.no_grad():
             dense = [net(frame) for frame in stream]
         assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
-    # a broadcasting sum stays plain (no state); the last sum reads two fresh tensors (a plain sum's, one
-    # written into in place): it keeps state too, computing every pixel but writing only those that changed
-    assert [s.out is not None for s in sums] == [True, True, True, False, True]
+    # sums of a broadcast or of a plain tensor stay plain: no state
+    assert [s.out is not None for s in sums] == [True, True, True, False, False]
     # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
-    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (sums[4], 1), (with_sums.up, 4)):  # (up: 2x2 from 1)
+    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
         whole = op.out[0, 0].numel() // input_pixels * (len(stream) - 1)
         assert 0 < op.pixels_written < whole, type(op).__name__
     # their outputs and mark maps count as stream state
@@ -176,8 +173,7 @@ def test_a_forward_taking_lists_is_traced_on_its_first_call(stream: torch.Tensor
     torch.manual_seed(0)
     net = TwoResolutions().eval()
     model = sc.convert(net, threshold=0.2, block=2, backend="sparse")
-    monkeypatch.setattr(convert_module, "follow_sums", lambda model: 0)
-    monkeypatch.setattr(convert_module, "upsample_factor", lambda module: None)
+    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
     without = sc.convert(net, threshold=0.2, block=2, backend="sparse")
     for converted in (model, without):
         for _, layer in sc.engine.skip_layers(converted):
@@ -192,3 +188,42 @@ def test_a_forward_taking_lists_is_traced_on_its_first_call(stream: torch.Tensor
     with torch.no_grad():
         (only,) = model.branches([x])
         torch.testing.assert_close(only, torch.relu(model.branches.convs[0](x) + x))
+
+
+class SharedUpsample(nn.Module):
+    """One upsampling module called at two sites, on maps of two sizes (as yolox-nano's PAFPN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.down = nn.Conv2d(16, 16, 3, 2, 1)
+        self.side = nn.Conv2d(16, 16, 3, 2, 1)
+        self.lower = nn.Conv2d(16, 16, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        low = self.down(x) + self.side(x)
+        mid = self.up(self.lower(low)) + low
+        return self.head(self.up(mid) + x)
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_an_upsampling_shared_by_two_sites_runs_plain_until_reset(stream: torch.Tensor, monkeypatch) -> None:
+    torch.manual_seed(0)
+    net = SharedUpsample().eval()
+    model = sc.convert(net, threshold=0.1, block=2, backend="sparse")
+    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
+    without = sc.convert(net, threshold=0.1, block=2, backend="sparse")
+    for converted in (model, without):
+        for _, layer in sc.engine.skip_layers(converted):
+            layer.crossover = 1.0  # every layer skipping: the upsampling's inputs carry revisions
+    (got, _), (expected, _) = run(model, stream[:6]), run(without, stream[:6])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert model.up.shared and model.up.out is None, "no state laid out afresh at every call"
+    sums = [op for op in model.modules() if isinstance(op, SparseSum)]
+    assert any(op.out is not None for op in sums)
+    sc.reset(model)
+    assert not model.up.shared
+    assert all(op.out is None for op in sums), "reset drops the sums' state"

@@ -294,6 +294,25 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_time_rule_backs_off_when_sparse_frames_are_slower_on_average() -> None:
+    """One sparse frame slower than the plain convolution does not stop a layer whose other frames pay;
+    sparse frames slower on average do (then skipping starts over with a fresh average)."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    with torch.no_grad():
+        layer(torch.rand(1, 8, 32, 32))
+    state = layer._sparse_state
+    state.tuned, state.dense_seconds, state.tile_batches = True, 1.0, {1}  # (no cold batch size)
+    tiles = sparse.native.PATH_TILES
+    for seconds in (0.5, 0.5, 2.0, 0.5):  # one frame twice as slow as the plain convolution
+        sparse.judge(layer, state, tiles, seconds, 1)
+        assert state.plain_left == 0, seconds
+    slow_frames = 0
+    while state.plain_left == 0 and slow_frames < 3:  # frames 1.5x as slow as the plain convolution
+        sparse.judge(layer, state, tiles, 1.5, 1)
+        slow_frames += 1
+    assert state.plain_left == sparse.BACKOFF_FIRST and state.sparse_seconds is None
+
+
 def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> None:
     model = sc.convert(plain_net(), threshold=0.1, block=8, backend="sparse")
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from skipconv_cli.engine.activations import ActivateOutput, FusedActivation, activation_of
-from skipconv_cli.engine.elementwise import SparseUpsample, follow_sums, upsample_factor
+from skipconv_cli.engine.elementwise import FollowsSparsity, follow_sparsity
 from skipconv_cli.engine.gates import check_gate_args
 from skipconv_cli.engine.skip_conv import SkipConv2d, fold_batchnorm
 
@@ -77,10 +77,7 @@ def convert(
             module.inplace = False  # (the sparse backend's layers hand out their state: see hand_out)
     _wrap_fused_activations(model, set(fusions.values()))
     if backend == "sparse":  # the ops between layers that can follow the sparse backend's sparsity
-        for name, module in list(model.named_modules()):
-            if upsample_factor(module) is not None:
-                _set_submodule(model, name, SparseUpsample(module))
-        follow_sums(model)
+        follow_sparsity(model)
     model.register_forward_hook(_copy_state_outputs)
     return model
 
@@ -147,6 +144,9 @@ def reset(model: nn.Module) -> None:
     """Drops all stream state: the next frame is computed densely in every layer."""
     for _, layer in _require_skip_layers(model):
         layer.reset()
+    for module in model.modules():
+        if isinstance(module, FollowsSparsity):
+            module.reset()
 
 
 def reset_stats(model: nn.Module) -> None:

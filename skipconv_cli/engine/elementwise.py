@@ -8,17 +8,14 @@ block's output, also on frames where nothing moved).
 
 These ops keep their output as state. When their inputs are outputs of the sparse backend's layers (or of
 other such ops) whose changes since the last frame are known (their ``Revision`` and mark map, see
-``backends.sparse``), they recompute only the pixels their inputs wrote. When an input's changes are not
-known (a fresh tensor: a layer's plain frame, another op's output), they compute every pixel but write,
-and mark, only those whose value changed. Either way their output is the same tensor every frame and
-carries its own revision and marks, so the layers reading it scan incrementally, or not at all when nothing
-changed: one layer in back-off no longer sends every op and layer after it to whole-map work. Broadcasting,
-autograd, and layouts or devices the C++ ops do not cover run the plain op.
+``backends.sparse``), they recompute only the pixels their inputs wrote; their output carries its own
+revision and marks, so the layers reading it scan incrementally. Everything else (other inputs,
+broadcasting, autograd, layouts or devices the C++ step does not cover) runs the plain op.
 
-``convert`` (sparse backend) replaces ``nn.Upsample`` modules (nearest, power-of-two factors) by
-:class:`SparseUpsample`, and, with ``follow_sums``, each ``a + b`` between two tensors in the forward of the
-model's blocks (a symbolic trace of each module's own forward, its children as leaves) by a
-:class:`SparseSum`; an activation module that alone reads the sum is applied by the sum.
+``convert`` (sparse backend) calls :func:`follow_sparsity`: ``nn.Upsample`` modules (nearest, power-of-two
+factors) become :class:`SparseUpsample`, and each ``a + b`` between two tensors in the forward of the
+model's blocks (a symbolic trace of each module's own forward, its children as leaves) a :class:`SparseSum`;
+an activation module that alone reads the sum is applied by the sum.
 """
 
 from __future__ import annotations
@@ -61,13 +58,17 @@ class FollowsSparsity(nn.Module):
         self.inputs: tuple | None = None  # (weakref, revision number) per input at the last call
         self.version = 0  # out's version counter after the last call (a write into it downstream)
         self.pixels_written = 0  # since the stream's state was laid out (tests, statistics)
+        # called with maps of two shapes (one module at several call sites, as yolox-nano's upsampling):
+        # the state would be laid out afresh on every call, so the plain op runs until the next stream
+        self.shared = False
 
     @staticmethod
     def covered(*tensors: torch.Tensor) -> bool:
-        """What the C++ ops cover: float32 channels_last CPU maps, no autograd."""
+        """What the C++ ops cover: float32 channels_last CPU maps with a revision, no autograd."""
         return (
             all(
                 isinstance(t, torch.Tensor)
+                and revision_of(t) is not None
                 and t.dim() == 4
                 and t.dtype == torch.float32
                 and t.device.type == "cpu"
@@ -78,21 +79,18 @@ class FollowsSparsity(nn.Module):
             and native.extension() is not None
         )
 
-    def intact(self) -> bool:
-        """The output holds what the last call wrote (nothing downstream wrote into it)."""
-        out = self.out
-        return out is not None and not out.is_inference() and out._version == self.version
-
     def changes(self, *tensors: torch.Tensor) -> list | None:
         """Per input: None (unchanged) or the mark map of its one write since the last call; None overall
-        when that is not known (an input without a revision, another tensor, more writes, a new stream, the
-        output written into)."""
-        if self.inputs is None or not self.intact() or any(t.is_inference() for t in tensors):
+        when that is not known (another tensor, more writes, a new stream, the output written into)."""
+        out = self.out
+        if self.inputs is None or out is None:
+            return None
+        if out.is_inference() or any(t.is_inference() for t in tensors) or out._version != self.version:
             return None
         found = []
         for t, (ref, number) in zip(tensors, self.inputs, strict=True):
             revision = revision_of(t)
-            if revision is None or t is not ref():
+            if t is not ref():
                 return None
             if revision.number == number:
                 found.append(None)
@@ -126,12 +124,24 @@ class FollowsSparsity(nn.Module):
             revision.marks, revision.marked = None, -1
 
     def hand_out(self, *tensors: torch.Tensor) -> torch.Tensor:
-        self.inputs = tuple((weakref.ref(t), getattr(revision_of(t), "number", None)) for t in tensors)
+        self.inputs = tuple((weakref.ref(t), revision_of(t).number) for t in tensors)
         self.version = 0 if self.out.is_inference() else self.out._version
         return self.out
 
     def drop(self) -> None:
         self.out = self.marks = self.inputs = None
+
+    def reset(self) -> None:
+        """Drops the stream state (``engine.reset``)."""
+        self.drop()
+        self.shared = False
+
+    def shared_by_shapes(self, shape: torch.Size | tuple) -> bool:
+        """Whether the op is called with maps of another shape than its state's (see ``shared``)."""
+        if self.out is not None and self.out.shape != shape:
+            self.shared = True
+            self.drop()
+        return self.shared
 
     def state_bytes(self) -> int:
         """Bytes of stream state held: the output and its mark map."""
@@ -152,24 +162,19 @@ class SparseSum(FollowsSparsity):
         if not (self.covered(a, b) and a.shape == b.shape):
             self.drop()
             return self._plain(a, b)
+        if self.shared_by_shapes(a.shape):
+            return self._plain(a, b)
         changes = self.changes(a, b)
-        activation = self.activation or (NO_ACTIVATION, 0.0, 0.0)
-        if changes is not None:
-            if changes[0] is not None or changes[1] is not None:
-                self.wrote(
-                    native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks, False)
-                )
-        elif self.out is not None and self.out.shape == a.shape and self.intact():
-            self.wrote(
-                native.extension().add_marked(a, b, self.out, None, None, *activation, self.marks, True)
-            )
-        else:
-            if self.out is None or self.out.shape != a.shape:
+        if changes is None:
+            if self.out is None:
                 self.lay_out(torch.empty_like(a, memory_format=torch.channels_last))
             torch.add(a, b, out=self.out)
             if self.activation is not None:
                 activate_(self.out, self.activation)
             self.wrote(None)
+        elif changes[0] is not None or changes[1] is not None:
+            activation = self.activation or (NO_ACTIVATION, 0.0, 0.0)
+            self.wrote(native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks))
         return self.hand_out(a, b)
 
     def _plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -184,30 +189,29 @@ class SparseUpsample(FollowsSparsity):
     """An ``nn.Upsample`` (nearest, power-of-two factors) that copies only the pixels its input wrote
     when that is known; otherwise the module it wraps."""
 
-    def __init__(self, upsample: nn.Upsample) -> None:
+    def __init__(self, upsample: nn.Upsample, factor: tuple[int, int]) -> None:
         super().__init__()
         self.upsample = upsample
-        self.factor = upsample_factor(upsample)
+        self.factor = factor  # see ``upsample_factor``
 
-    def _write(self, x: torch.Tensor, marks: torch.Tensor | None, compare: bool = False) -> int:
-        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks, compare)
+    def _write(self, x: torch.Tensor, marks: torch.Tensor | None) -> int:
+        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.covered(x):
             self.drop()
             return self.upsample(x)
-        changes = self.changes(x)
         shape = (x.shape[0], x.shape[1], x.shape[2] * self.factor[0], x.shape[3] * self.factor[1])
-        if changes is not None:
-            if changes[0] is not None:
-                self.wrote(self._write(x, changes[0]))
-        elif self.out is not None and self.out.shape == shape and self.intact():
-            self.wrote(self._write(x, None, compare=True))
-        else:
-            if self.out is None or self.out.shape != shape:
+        if self.shared_by_shapes(shape):
+            return self.upsample(x)
+        changes = self.changes(x)
+        if changes is None:
+            if self.out is None:
                 self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
             self._write(x, None)
             self.wrote(None)
+        elif changes[0] is not None:
+            self.wrote(self._write(x, changes[0]))
         return self.hand_out(x)
 
 
@@ -238,6 +242,20 @@ class _OwnForwardTracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
         return True
+
+
+def follow_sparsity(model: nn.Module) -> int:
+    """Replaces, in place, the ops of ``model`` that can follow the sparse backend's sparsity: nearest
+    ``nn.Upsample`` modules (see ``upsample_factor``) and sums of two tensors (see ``follow_sums``). Returns
+    how many were replaced now."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            factor = upsample_factor(child)
+            if factor is not None:
+                setattr(parent, name, SparseUpsample(child, factor))
+                replaced += 1
+    return replaced + follow_sums(model)
 
 
 def follow_sums(model: nn.Module) -> int:

@@ -416,13 +416,11 @@ std::vector<int64_t> skip_step(
 }
 
 // out = activation(a + b) at the pixels either input's mark map (uint8 [N, H, W], optional: no map, no
-// change) gives as written (2); marks receives 2 there and 0 elsewhere. compare: every pixel is computed and
-// written only where its value differs from what out holds (an input's changes are not known; out must be
-// this op's intact last output), so that marks say exactly where the output changed. a, b, out: the same
-// shape, float32 channels_last. Returns the pixels written.
+// change) gives as written (2); marks receives 2 there and 0 elsewhere. a, b, out: the same shape,
+// float32 channels_last. Returns the pixels written.
 int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                    const c10::optional<at::Tensor>& marks_a, const c10::optional<at::Tensor>& marks_b,
-                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks, bool compare) {
+                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks) {
   for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&out)})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(at::MemoryFormat::ChannelsLast) &&
                     t->sizes() == out.sizes(),
@@ -438,9 +436,9 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   return at::parallel_reduce(
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
-        std::vector<float> sum(C), value(C);
+        std::vector<float> sum(C);
         for (int64_t p = begin; p < end; ++p) {
-          if (!compare && !((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+          if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
             md[p] = 0;
             continue;
           }
@@ -448,16 +446,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
           const float* y = bd + p * C;
 #pragma omp simd
           for (int64_t ch = 0; ch < C; ++ch) sum[ch] = x[ch] + y[ch];
-          if (compare) {
-            write_row(value.data(), sum.data(), C, activation, lo, hi);
-            if (std::memcmp(value.data(), od + p * C, C * sizeof(float)) == 0) {
-              md[p] = 0;
-              continue;
-            }
-            std::memcpy(od + p * C, value.data(), C * sizeof(float));
-          } else {
-            write_row(od + p * C, sum.data(), C, activation, lo, hi);
-          }
+          write_row(od + p * C, sum.data(), C, activation, lo, hi);
           md[p] = 2;
           ++partial;
         }
@@ -468,11 +457,9 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
 
 // Nearest upsampling by integer factors (fh, fw) of the input pixels its mark map (uint8 [N, H, W];
 // none: every pixel) gives as written (2): each is copied into its fh x fw output pixels; marks (uint8
-// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. compare: every input pixel is copied only where it
-// differs from its first output pixel (out must be this op's intact last output). Returns the input pixels
-// copied.
+// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. Returns the input pixels copied.
 int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optional<at::Tensor>& marks_in,
-                        int64_t fh, int64_t fw, at::Tensor& marks, bool compare) {
+                        int64_t fh, int64_t fw, at::Tensor& marks) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.size(0) == x.size(0) &&
@@ -488,10 +475,7 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
       [&](int64_t begin, int64_t end, int64_t partial) {
         for (int64_t row = begin; row < end; ++row) {  // (n, y): output rows (n, y * fh + dy)
           for (int64_t xx = 0; xx < W; ++xx) {
-            const float* src = xd + (row * W + xx) * C;
-            bool take = !mi || mi[row * W + xx] == 2;
-            if (take && compare)
-              take = std::memcmp(src, od + (row * fh * Wo + xx * fw) * C, C * sizeof(float)) != 0;
+            const bool take = !mi || mi[row * W + xx] == 2;
             partial += take;
             for (int64_t dy = 0; dy < fh; ++dy) {
               const int64_t out_row = row * fh + dy;
@@ -499,7 +483,7 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
               std::memset(mrow, take ? 2 : 0, fw);
               if (!take) continue;
               for (int64_t dx = 0; dx < fw; ++dx)
-                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, src, C * sizeof(float));
+                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, xd + (row * W + xx) * C, C * sizeof(float));
             }
           }
         }
