@@ -272,6 +272,7 @@ std::vector<int64_t> skip_step(
   if (forced) {
     const int64_t* f = forced_tiles->data_ptr<int64_t>();
     units.assign(f, f + forced_tiles->numel());
+    if (units.empty()) return {0, 0, 3, 0};  // the scan alone: what an idle frame costs
     if (pixel_path) {
       // the inputs the forced blocks own, as if changed: the step then writes what a frame with those
       // blocks gated writes (their footprint), not just the blocks' own outputs

@@ -60,7 +60,11 @@ EXEC_TILE = 8  # execution tile (outputs per side) for k > 1 kernels when the ga
 TUNE_FRACTIONS = (0.1, 0.3, 0.6)  # active-tile fractions timed by the auto-tuner
 TUNE_MARGIN = 0.9  # run sparse only where it is predicted at least ~10% faster than dense
 TUNE_REPEATS = 3
-PLAIN_BELOW = 0.1  # a layer whose crossover is lower runs plain dense convolutions: no gate, no state
+MEASUREMENT = 2  # how crossovers are measured: a new one is in the tuning key, so old caches are not read
+# a layer whose crossover is lower runs plain dense convolutions: no gate, no state (the gate alone costs
+# about what its convolution does). On the pixel path a crossover counts blocks, and a block's written
+# footprint is up to ~2x its outputs: 0.1 sent HRNet-w32 layers that pay on a calm scene to plain.
+PLAIN_BELOW = 0.05
 BACKOFF_LIMIT = 64  # at most this many plain frames after a frame that needed the dense recompute
 BACKOFF_FIRST = 2  # plain frames after a first busy frame (a passing flash costs little skipping)
 # the back-off grows this much per busy probe: on a moving camera (bikes.mp4, 200 frames) growing by 4
@@ -810,6 +814,7 @@ def tuning_key(layer: SkipConv2d, x: torch.Tensor) -> str:
         f"t{execution_tile(layer)}", f"b{int(layer.bias is not None)}",
         # the paths cross over differently (the pixel path counts blocks, the others tiles)
         ("native-pixel-blocks" if pixel_path(layer) else "native") if native.supports(layer, x) else "torch",
+        f"m{MEASUREMENT}",
     ]  # fmt: skip
     return "-".join(parts)
 
