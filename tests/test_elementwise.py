@@ -59,6 +59,19 @@ def tuning_cache(tmp_path, monkeypatch) -> None:
     sparse._MEMORY_CACHE.clear()
 
 
+def followed_and_plain(net: nn.Module, monkeypatch, **options) -> tuple[nn.Module, nn.Module]:
+    """``net`` converted with the ops that follow the sparsity and without them; every layer skipping
+    (crossover 1), so that the ops' inputs carry revisions every frame."""
+    followed = sc.convert(net, backend="sparse", **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module, "follow_sparsity", lambda model: 0)
+        plain = sc.convert(net, backend="sparse", **options)
+    for converted in (followed, plain):
+        for _, layer in sc.engine.skip_layers(converted):
+            layer.crossover = 1.0
+    return followed, plain
+
+
 def run(model: nn.Module, stream: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     outputs, gates = [], []
     with torch.no_grad():
@@ -75,17 +88,11 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
 ) -> None:
     torch.manual_seed(0)
     net = Block().eval()
-    options = {"threshold": threshold, "block": 2, "backend": "sparse"}
-    with_sums = sc.convert(net, **options)
+    with_sums, without = followed_and_plain(net, monkeypatch, threshold=threshold, block=2)
     sums = [m for m in with_sums.modules() if isinstance(m, SparseSum)]
     # every sum of two tensors not written into in place; the ReLU module after the first fused
     assert [s.activation is not None for s in sums] == [True, False, False, False, False]
     assert isinstance(with_sums.up, SparseUpsample)
-    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
-    without = sc.convert(net, **options)
-    for model in (with_sums, without):  # every layer skipping: the sums see revisions every frame
-        for _, layer in sc.engine.skip_layers(model):
-            layer.crossover = 1.0
     (got, got_gates), (expected, expected_gates) = run(with_sums, stream), run(without, stream)
     for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert torch.equal(a, b), f"frame {frame}"
@@ -171,13 +178,7 @@ class TwoResolutions(nn.Module):
 @pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
 def test_a_forward_taking_lists_is_traced_on_its_first_call(stream: torch.Tensor, monkeypatch) -> None:
     torch.manual_seed(0)
-    net = TwoResolutions().eval()
-    model = sc.convert(net, threshold=0.2, block=2, backend="sparse")
-    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
-    without = sc.convert(net, threshold=0.2, block=2, backend="sparse")
-    for converted in (model, without):
-        for _, layer in sc.engine.skip_layers(converted):
-            layer.crossover = 1.0
+    model, without = followed_and_plain(TwoResolutions().eval(), monkeypatch, threshold=0.2, block=2)
     assert not any(isinstance(m, SparseSum) for m in model.branches.modules()), "not traced before a call"
     (got, _), (expected, _) = run(model, stream), run(without, stream)
     sums = [m for m in model.branches.modules() if isinstance(m, SparseSum)]
@@ -212,13 +213,7 @@ class SharedUpsample(nn.Module):
 @pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
 def test_an_upsampling_shared_by_two_sites_runs_plain_until_reset(stream: torch.Tensor, monkeypatch) -> None:
     torch.manual_seed(0)
-    net = SharedUpsample().eval()
-    model = sc.convert(net, threshold=0.1, block=2, backend="sparse")
-    monkeypatch.setattr(convert_module, "follow_sparsity", lambda model: 0)
-    without = sc.convert(net, threshold=0.1, block=2, backend="sparse")
-    for converted in (model, without):
-        for _, layer in sc.engine.skip_layers(converted):
-            layer.crossover = 1.0  # every layer skipping: the upsampling's inputs carry revisions
+    model, without = followed_and_plain(SharedUpsample().eval(), monkeypatch, threshold=0.1, block=2)
     (got, _), (expected, _) = run(model, stream[:6]), run(without, stream[:6])
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert model.up.shared and model.up.out is None, "no state laid out afresh at every call"
