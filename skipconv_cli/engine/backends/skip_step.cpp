@@ -242,9 +242,9 @@ std::vector<int64_t> skip_step(
     at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
     for (int64_t n = 0; n < g.n && !forced; ++n) collect_units(n, 0, ty_count);
   } else {
-    // A full scan runs in bands of tile rows and stops as soon as more tiles are active than the
+    // A full scan runs in bands of tile rows and stops as soon as more units are active than the
     // crossover: a busy frame (moving camera, the probe of a layer in back-off) is decided after the part
-    // of the map that holds that many tiles, not the whole map. The tiles, gates and residuals of a frame
+    // of the map that holds that many units, not the whole map. The units, gates and residuals of a frame
     // that is not busy are those of one pass over the whole map.
     const int64_t bands =
         std::clamp<int64_t>(g.h * g.w * C / (kGrainsPerBand * kGrainElements), 1, std::min(kScanBands, ty_count));

@@ -210,17 +210,14 @@ class Revision:
     """How many times a layer's output ``z`` changed in place: the layer's output tensor carries it
     (``skipconv_revision``), so that the next layer can tell that its input has not changed since its
     last frame, or where it changed: ``marks`` (the C++ step's mark map, 2 where the last write wrote)
-    describe revision ``marked`` (see ``writes_since_scan``). ``tracked``: some skipping layer or op
-    tracks this output (set when one scans or reads it; the ops of ``engine.elementwise`` clear it when
-    they write, and back off when nothing tracked their last write)."""
+    describe revision ``marked`` (see ``writes_since_scan``)."""
 
-    __slots__ = ("number", "marks", "marked", "tracked")
+    __slots__ = ("number", "marks", "marked")
 
     def __init__(self) -> None:
         self.number = 0
         self.marks: torch.Tensor | None = None
         self.marked = -1
-        self.tracked = False
 
 
 def revision_of(t: torch.Tensor) -> Revision | None:
@@ -423,10 +420,8 @@ def writes_since_scan(
     if revision is None or x is not scanned[0]() or gate_limits(layer, state.maps) is not scanned[2]:
         return None
     if revision.number == scanned[1]:
-        revision.tracked = True
         return 0, None
     if revision.number == scanned[1] + 1 and revision.marked == revision.number:
-        revision.tracked = True
         return 1, revision.marks
     return None
 
@@ -470,9 +465,8 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tile
         return
     too_slow = False
     if path == native.PATH_TILES and state.dense_seconds is not None:
-        on_tiles = (
-            state.maps is None or state.maps.pixel_weight is None
-        )  # (a matrix product builds no kernel)
+        # (a matrix product builds no kernel per batch size)
+        on_tiles = state.maps is None or state.maps.pixel_weight is None
         if on_tiles and tiles not in state.tile_batches:
             state.tile_batches.add(tiles)
         else:
@@ -693,8 +687,6 @@ def native_skip_frame(
     # the input by weak reference: a layer in back-off would otherwise keep a replaced map alive
     seen = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if revision is not None else None
     state.scanned = seen if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
-    if state.scanned is not None:
-        revision.tracked = True
     state.last_idle = path == native.PATH_IDLE
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles, outputs_run)
