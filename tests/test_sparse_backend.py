@@ -508,3 +508,20 @@ def test_pixel_layer_on_a_small_map_goes_busy_by_blocks_not_tiles() -> None:
         )
         assert (units, path, outputs_run) == (1, sparse.native.PATH_TILES, 9)  # outputs [0, 3) x [0, 3)
         torch.testing.assert_close(layer._sparse_state.z, dense(second), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(sparse.native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_the_tuners_gate_alone_point_is_the_scan_alone() -> None:
+    """The tuner times "the gate alone" as a forced step with no units: it must cost what an idle frame does
+    (the scan), not also the footprint pass of a sparse frame, or cheap layers look gate-bound and go plain
+    (HRNet-w32's first conv did: 465 us "gate" for a 417 us convolution)."""
+    layer = sc.SkipConv2d(8, 16, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    first = torch.rand(1, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer(first)
+        state = layer._sparse_state
+        state.maps.mark.fill_(7)  # a value no pass writes
+        x = first.contiguous(memory_format=torch.channels_last)
+        result = sparse.native_step(layer, state, x, torch.empty(0, dtype=torch.long))
+    assert result == [0, 0, 3, 0]
+    assert (state.maps.mark == 7).all(), "the footprint pass ran"
