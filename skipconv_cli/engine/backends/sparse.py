@@ -475,15 +475,11 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tile
             state.sparse_seconds = average
             too_slow = average > state.dense_seconds
     if path == native.PATH_DENSE or too_slow:
-        state.backoff = state.plain_left = longer_backoff(state.backoff)
+        state.backoff = min(BACKOFF_LIMIT, max(BACKOFF_FIRST, BACKOFF_GROWTH * state.backoff))
+        state.plain_left = state.backoff
         state.sparse_seconds = None
     else:
         state.backoff = 0
-
-
-def longer_backoff(backoff: int) -> int:
-    """The plain frames after another busy frame: 2, 8, 32, 64."""
-    return min(BACKOFF_LIMIT, max(BACKOFF_FIRST, BACKOFF_GROWTH * backoff))
 
 
 def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
