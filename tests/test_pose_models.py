@@ -15,6 +15,7 @@ from skipconv_cli.models.openpose_mbv2 import (
     openpose_mbv2_05,
     openpose_mbv2_10,
     openpose_mbv2_14,
+    pad_same,
     resize_bilinear_tf_legacy,
 )
 from skipconv_cli.models.pose import (
@@ -63,6 +64,27 @@ def test_tf_legacy_resize_samples_at_dst_over_two() -> None:
     np.testing.assert_allclose(y[0, 0, 0].numpy(), [0, 1, 2, 3, 4, 4])
     np.testing.assert_allclose(y[0, 0, 1].numpy(), [3, 4, 5, 6, 7, 7])
     np.testing.assert_allclose(y[0, 0, 3].numpy(), y[0, 0, 2].numpy())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_padding_and_resize_keep_the_layout(channels_last: bool) -> None:
+    # a contiguous map out of a channels_last one made every conv after it convert its input back
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 7, 10).contiguous(memory_format=layout)
+    padded = pad_same(x, (3, 3), (2, 2), (1, 1))
+    assert torch.equal(padded, torch.nn.functional.pad(x, [0, 1, 1, 1]))  # TF: the odd pixel bottom/right
+    resized = resize_bilinear_tf_legacy(x, (13, 21))
+    assert padded.is_contiguous(memory_format=layout) and resized.is_contiguous(memory_format=layout)
+    # src = dst * in / out, upper neighbour clamped, row by row then column by column
+    for dst, src in ((0, 0.0), (5, 5 * 7 / 13), (12, 12 * 7 / 13)):
+        lo = int(src)
+        hi, frac = min(lo + 1, 6), src - lo
+        rows = x[:, :, lo] + (x[:, :, hi] - x[:, :, lo]) * frac
+        cols = torch.arange(21) * (10 / 21)
+        left = cols.floor().long()
+        right = (left + 1).clamp(max=9)
+        expected = rows[..., left] + (rows[..., right] - rows[..., left]) * (cols - left)
+        torch.testing.assert_close(resized[:, :, dst], expected, rtol=0, atol=1e-5)
 
 
 def test_dequantize_per_channel_and_depthwise_layout() -> None:
