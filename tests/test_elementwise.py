@@ -4,6 +4,7 @@ plain ops, bit for bit, while recomputing only what their inputs wrote."""
 from __future__ import annotations
 
 import copy
+import math
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import skipconv_cli as sc
+from skipconv_cli.engine.activations import CLAMP
 from skipconv_cli.engine.backends import native, sparse
 from skipconv_cli.engine.elementwise import SparseSum, SparseUpsample, upsample_factor
 from skipconv_cli.pipeline.profile import state_bytes_per_stream
@@ -103,7 +105,7 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
         with torch.no_grad():
             dense = [net(frame) for frame in stream]
         assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
-    # sums of a broadcast or of a plain tensor stay plain: no state
+    # sums of a broadcast or of two plain tensors keep no state
     assert [s.out is not None for s in sums] == [True, True, True, False, False]
     # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
     for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
@@ -222,3 +224,24 @@ def test_an_upsampling_shared_by_two_sites_runs_plain_until_reset(stream: torch.
     sc.reset(model)
     assert not model.up.shared
     assert all(op.out is None for op in sums), "reset drops the sums' state"
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_a_sum_with_one_input_that_is_state_keeps_its_output_and_one_with_none_does_not() -> None:
+    relu = (CLAMP, 0.0, math.inf)
+    torch.manual_seed(0)
+    fresh = [torch.randn(1, 8, 6, 5).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    state = fresh[2].clone(memory_format=torch.channels_last)
+    state.skipconv_revision = sparse.Revision()  # what a skipping layer's output carries
+    summed = SparseSum(relu)
+    with torch.no_grad():
+        neither = summed(fresh[0], fresh[1])
+        assert summed.out is None and sparse.revision_of(neither) is None
+        assert torch.equal(neither, torch.relu(fresh[0] + fresh[1]))
+        assert neither.skipconv_activation == relu  # a ReLU module after it is not applied again
+        for _ in range(2):  # the second call: the same tensors, the changes of the plain one not known
+            one = summed(fresh[0], state)
+            assert one is summed.out and torch.equal(one, torch.relu(fresh[0] + state))
+            assert sparse.revision_of(one).marks is None  # the readers scan it whole
+        fresh[0].add_(1.0)  # a plain input changed in place: still recomputed whole
+        assert torch.equal(summed(fresh[0], state), torch.relu(fresh[0] + state))

@@ -417,8 +417,9 @@ std::vector<int64_t> skip_step(
 }
 
 // out = activation(a + b) at the pixels either input's mark map (uint8 [N, H, W], optional: no map, no
-// change) gives as written (2); marks receives 2 there and 0 elsewhere. a, b, out: the same shape,
-// float32 channels_last. Returns the pixels written.
+// change) gives as written (2); marks receives 2 there and 0 elsewhere. No map for either input: every
+// pixel (the inputs' changes are not known), marks left as they are. a, b, out: the same shape, float32
+// channels_last. Returns the pixels written.
 int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                    const c10::optional<at::Tensor>& marks_a, const c10::optional<at::Tensor>& marks_b,
                    int64_t activation, double act_lo, double act_hi, at::Tensor& marks) {
@@ -434,21 +435,22 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   const uint8_t* mb = marks_b.has_value() ? marks_b->data_ptr<uint8_t>() : nullptr;
   uint8_t* md = marks.data_ptr<uint8_t>();
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
+  const bool every = !ma && !mb;
   return at::parallel_reduce(
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
-        std::vector<float> sum(C);
         for (int64_t p = begin; p < end; ++p) {
-          if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+          if (!every && !((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
             md[p] = 0;
             continue;
           }
           const float* x = ad + p * C;
           const float* y = bd + p * C;
+          float* o = od + p * C;
 #pragma omp simd
-          for (int64_t ch = 0; ch < C; ++ch) sum[ch] = x[ch] + y[ch];
-          write_row(od + p * C, sum.data(), C, activation, lo, hi);
-          md[p] = 2;
+          for (int64_t ch = 0; ch < C; ++ch) o[ch] = x[ch] + y[ch];
+          if (activation != kNone) write_row(o, o, C, activation, lo, hi);  // in place, the row in L1
+          if (!every) md[p] = 2;
           ++partial;
         }
         return partial;
