@@ -372,13 +372,15 @@ class SkipConv2d(nn.Conv2d):
 
     def _native_bookkeeping(self, n: int, maps, computed: int) -> None:
         """A frame of the C++ step: it counted the outputs it computed (the same footprint as below).
-        What ``_count`` does, with the per-frame constants the maps hold (it runs every frame)."""
-        self._frames_since_dense += 1
-        self._last_source = maps.source
-        self.stats_frames += n
-        self.stats_outputs_total += n * maps.mark.shape[-2] * maps.mark.shape[-1]
-        self.stats_gate_macs += n * maps.gate_macs
-        self._computed_counted += computed
+        What ``_count`` does, with the per-frame constants the maps hold; it runs every frame, so it
+        writes the instance dict directly (as ``_plain_bookkeeping``)."""
+        attributes = self.__dict__
+        attributes["_frames_since_dense"] += 1
+        attributes["_last_source"] = maps.source
+        attributes["stats_frames"] += n
+        attributes["stats_outputs_total"] += n * maps.outputs
+        attributes["stats_gate_macs"] += n * maps.gate_macs
+        attributes["_computed_counted"] += computed
 
     def _skip_bookkeeping(self, x: torch.Tensor, owned: torch.Tensor, out_hw: tuple[int, ...]) -> None:
         """Counts the outputs really needed (the footprint of the updated inputs) and the gate's cost; the

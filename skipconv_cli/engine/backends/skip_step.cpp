@@ -152,6 +152,7 @@ std::vector<int64_t> skip_step(
       const float* rr = pad_pixel(n, y + g.ph, g.pw);
       float* out = rd + row * g.w;
       const uint8_t* mrow = incremental ? im + row * g.w : nullptr;
+      if (mrow && !std::memchr(mrow, 2, g.w)) continue;  // (a row with no write: most, when few pixels changed)
       for (int64_t xx = 0; xx < g.w; ++xx) {
         if (mrow && mrow[xx] != 2) continue;
         float total = 0.f;
@@ -177,6 +178,7 @@ std::vector<int64_t> skip_step(
     for (int64_t n = 0; n < g.n && im; ++n) {
       for (int64_t y = 0; y < g.h; ++y) {
         const uint8_t* mrow = im + (n * g.h + y) * g.w;
+        if (!std::memchr(mrow, 2, g.w)) continue;
         for (int64_t xx = 0; xx < g.w; ++xx) {
           if (mrow[xx] != 2) continue;
           // outputs whose taps may read (y, xx): a superset for dilated kernels, which is safe

@@ -197,6 +197,7 @@ class NativeMaps:
     layer_args: tuple = ()  # weight, bias, kernel, stride, padding, dilation, groups, activation
     plan_args: tuple = ()  # block, owner tables, tile tables, tile sizes
     gate_macs: int = 0  # per stream and frame
+    outputs: int = 0  # output positions per stream
     source: tuple = ()  # what last_gate / last_computed read: ("native", self)
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
     # a learned (Gumbel) gate's weights on |r| per channel, read when the stream's state is laid out
@@ -600,6 +601,7 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
             block, rows, cols, plan.tile_rows, plan.tile_cols, plan.tile, plan.rows.size, plan.cols.size
         ),
         gate_macs=norm_gate_macs(layer, (h, w), (ho, wo)),
+        outputs=ho * wo,
     )  # fmt: skip
     if layer.gate is not None:
         maps.channel_weights = layer.gate.channel_log_weight.detach().exp().float().contiguous()
