@@ -60,7 +60,11 @@ EXEC_TILE = 8  # execution tile (outputs per side) for k > 1 kernels when the ga
 TUNE_FRACTIONS = (0.1, 0.3, 0.6)  # active-tile fractions timed by the auto-tuner
 TUNE_MARGIN = 0.9  # run sparse only where it is predicted at least ~10% faster than dense
 TUNE_REPEATS = 3
-MEASUREMENT = 2  # how crossovers are measured: a new one is in the tuning key, so old caches are not read
+MEASUREMENT = 3  # how crossovers are measured: a new one is in the tuning key, so old caches are not read
+# written before each timed run on the CPU, so that the run finds the layer's state and weights as it does
+# inside the model, where every other layer ran in between (see _median_time): 4x what the layer holds, at
+# most this (larger than a core's L2)
+EVICT_BYTES = 16 << 20
 # a layer whose crossover is lower runs plain dense convolutions: no gate, no state (the gate alone costs
 # about what its convolution does). On the pixel path a crossover counts blocks, and a block's written
 # footprint is up to ~2x its outputs: 0.1 sent HRNet-w32 layers that pay on a calm scene to plain.
@@ -444,7 +448,9 @@ def plain_seconds(layer: SkipConv2d, state: SparseState) -> float:
     2.5x a dense frame); plain frames keep each stream's own estimate current from then on."""
     key = memory_key(layer, state.x_ref)
     if key not in _PLAIN_SECONDS:
-        _PLAIN_SECONDS[key] = _median_time(lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1)
+        _PLAIN_SECONDS[key] = _median_time(
+            lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1, layer=layer, warm=state.x_pad
+        )
     return _PLAIN_SECONDS[key]
 
 
@@ -864,7 +870,20 @@ def crossover_for(layer: SkipConv2d, state: SparseState) -> float:
     return _MEMORY_CACHE[in_memory]
 
 
-def _median_time(fn, device: torch.device, repeats: int = TUNE_REPEATS) -> float:
+def _median_time(
+    fn,
+    device: torch.device,
+    repeats: int = TUNE_REPEATS,
+    layer: SkipConv2d | None = None,
+    warm: torch.Tensor | None = None,
+) -> float:
+    """The median time of ``fn`` after a warm-up run. On the CPU each timed run of a ``layer``'s work finds
+    the caches as its call inside the model does: its state and weights evicted by the other layers' work
+    (a buffer of 4x their size written first), only its input (``warm``, just written by the layer before)
+    read back. Timed hot, a sparse step or a convolution bound by memory looked cheaper than in the model:
+    openpose-mbv2-14's 1x1 projections scanned a 192-channel map for ~800 us in frames where the tuner had
+    predicted less than their 320 us convolution, and backed off every few frames."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -873,11 +892,25 @@ def _median_time(fn, device: torch.device, repeats: int = TUNE_REPEATS) -> float
     times = []
     for _ in range(repeats):
         sync()
+        if device.type == "cpu" and layer is not None:
+            _evict_caches(layer)
+            if warm is not None:
+                warm.sum()
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def _eviction_buffer() -> torch.Tensor:
+    return torch.empty(EVICT_BYTES // 4)
+
+
+def _evict_caches(layer: SkipConv2d) -> None:
+    held = layer.state_bytes() + layer.weight.untyped_storage().nbytes()
+    _eviction_buffer()[: min(EVICT_BYTES, 4 * held) // 4].fill_(0.0)
 
 
 def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
@@ -893,7 +926,7 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
         plan, device = state.plan, state.x_pad.device
         n = state.x_pad.shape[0]
         total = units_per_sample(state) * n
-        dense = _median_time(lambda: _conv(layer, state.x_pad), device)
+        dense = _median_time(lambda: _conv(layer, state.x_pad), device, layer=layer, warm=state.x_pad)
         generator = torch.Generator().manual_seed(0)
         order = torch.randperm(total, generator=generator).to(device)
         per_sample = plan.tiles_per_sample
@@ -901,15 +934,18 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
         x = state.x_ref.contiguous(memory_format=torch.channels_last)  # a still frame: nothing to update
         points = [(0.0, 0.0)]
         if state.maps is not None:
-            points = [(0.0, _median_time(lambda: native_step(layer, state, x, order[:0]), device))]
+            scan = _median_time(lambda: native_step(layer, state, x, order[:0]), device, layer=layer, warm=x)
+            points = [(0.0, scan)]
         for count in sorted({max(1, round(fraction * total)) for fraction in TUNE_FRACTIONS}):
             chosen = order[:count]
             if state.maps is not None:
-                seconds = _median_time(lambda c=chosen: native_step(layer, state, x, c), device)
+                seconds = _median_time(
+                    lambda c=chosen: native_step(layer, state, x, c), device, layer=layer, warm=x
+                )
             else:
                 rest = chosen % per_sample
                 tiles = torch.stack([chosen // per_sample, rest // tiles_x, rest % tiles_x], 1)
-                seconds = _median_time(lambda t=tiles: recompute_tiles(layer, state, t), device)
+                seconds = _median_time(lambda t=tiles: recompute_tiles(layer, state, t), device, layer=layer)
             points.append((count / total, seconds))
     budget = TUNE_MARGIN * (dense + points[0][1])  # the dense recompute pays the gate too
     if points[0][1] >= TUNE_MARGIN * dense:  # the gate alone costs the convolution
