@@ -67,7 +67,8 @@ class FollowsSparsity(nn.Module):
     @staticmethod
     def covered(*tensors: torch.Tensor) -> bool:
         """What the C++ ops cover: float32 channels_last CPU maps, no autograd. (Runs on every call of
-        every such op: written as plain checks, ~5x faster than one ``all`` over a generator.)"""
+        every such op: written as plain checks, 1.2 us for two maps against 2.6 us for one ``all`` over a
+        generator.)"""
         if native.extension() is None:
             return False
         grad = torch.is_grad_enabled()

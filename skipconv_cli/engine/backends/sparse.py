@@ -889,11 +889,12 @@ def _median_time(
             torch.cuda.synchronize(device)
 
     fn()  # warm-up: allocator, oneDNN primitive cache
+    evict = _eviction_bytes(layer) if device.type == "cpu" and layer is not None else 0
     times = []
     for _ in range(repeats):
         sync()
-        if device.type == "cpu" and layer is not None:
-            _evict_caches(layer)
+        if evict:
+            _eviction_buffer()[: evict // 4].fill_(0.0)
             if warm is not None:
                 warm.sum()
         start = time.perf_counter()
@@ -908,9 +909,9 @@ def _eviction_buffer() -> torch.Tensor:
     return torch.empty(EVICT_BYTES // 4)
 
 
-def _evict_caches(layer: SkipConv2d) -> None:
-    held = layer.state_bytes() + layer.weight.untyped_storage().nbytes()
-    _eviction_buffer()[: min(EVICT_BYTES, 4 * held) // 4].fill_(0.0)
+def _eviction_bytes(layer: SkipConv2d) -> int:
+    """What to write before a timed run of ``layer``'s work: 4x its state and weights, at most EVICT_BYTES."""
+    return min(EVICT_BYTES, 4 * (layer.state_bytes() + layer.weight.untyped_storage().nbytes()))
 
 
 def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
