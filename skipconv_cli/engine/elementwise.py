@@ -173,7 +173,7 @@ class SparseSum(FollowsSparsity):
             # kept: the sums after it can follow the sparsity again as soon as the other input does.
             self.drop()
             if self.activation is None:
-                return a + b  # (as fast as the C++ pass without an activation to fuse)
+                return self._plain(a, b)  # (as fast as the C++ pass without an activation to fuse)
             out = torch.empty_like(a, memory_format=torch.channels_last)
             native.extension().add_marked(a, b, out, None, None, *activation, _NO_MARKS)
             out.skipconv_activation = self.activation  # (as ``activate_`` marks it: applied)
