@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import skipconv_cli as sc
 from skipconv_cli.engine.activations import CLAMP
@@ -239,9 +240,48 @@ def test_a_sum_with_one_input_that_is_state_keeps_its_output_and_one_with_none_d
         assert summed.out is None and sparse.revision_of(neither) is None
         assert torch.equal(neither, torch.relu(fresh[0] + fresh[1]))
         assert neither.skipconv_activation == relu  # a ReLU module after it is not applied again
-        for _ in range(2):  # the second call: the same tensors, the changes of the plain one not known
-            one = summed(fresh[0], state)
-            assert one is summed.out and torch.equal(one, torch.relu(fresh[0] + state))
-            assert sparse.revision_of(one).marks is None  # the readers scan it whole
+        one = summed(fresh[0], state)  # laid out: written whole, no marks (the readers scan it whole)
+        assert one is summed.out and torch.equal(one, torch.relu(fresh[0] + state))
+        revision = sparse.revision_of(one)
+        assert revision.marks is None and revision.marked != revision.number
+        number = revision.number
+        # the same tensors again, the changes of the plain one not known: recomputed, nothing changed
+        assert summed(fresh[0], state) is one and revision.number == number
         fresh[0].add_(1.0)  # a plain input changed in place: still recomputed whole
         assert torch.equal(summed(fresh[0], state), torch.relu(fresh[0] + state))
+        changed = (one != torch.relu(fresh[0] - 1.0 + state)).any(1)
+        assert revision.marked == revision.number and torch.equal(revision.marks == 2, changed)
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_after_an_input_whose_changes_are_unknown_only_changed_pixels_are_written_and_marked() -> None:
+    """A layer's plain frame hands out a fresh map, equal bit for bit where its input did not change: the
+    sum taking it recomputes every pixel but writes and marks only those whose value changed, so that the
+    ops after it (an upsampling, a sum reading that) keep following the sparsity instead of taking the
+    whole map in turn."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    state = torch.randn(1, 4, 6, 8).contiguous(memory_format=cl)
+    state.skipconv_revision = sparse.Revision()
+    plain = torch.randn(1, 4, 6, 8).contiguous(memory_format=cl)
+    summed, up, after = SparseSum(), SparseUpsample(nn.Upsample(scale_factor=2), (2, 2)), SparseSum()
+    other = torch.randn(1, 4, 12, 16).contiguous(memory_format=cl)
+    other.skipconv_revision = sparse.Revision()
+    with torch.no_grad():
+        for frame in range(4):
+            if frame:  # a plain frame: a new tensor, two pixels different
+                plain = plain.clone(memory_format=cl)
+                plain[0, :, frame, 2 * frame] += 1.0
+                plain[0, 1, 5, 7] -= float(frame)
+            s = summed(state, plain)
+            u = up(s)
+            out = after(u, other)
+            assert torch.equal(s, state + plain) and torch.equal(u, F.interpolate(s, scale_factor=2))
+            assert torch.equal(out, u + other)
+            if frame:
+                assert summed.revision.marked == summed.revision.number
+                assert torch.nonzero(summed.marks[0] == 2).tolist() == [[frame, 2 * frame], [5, 7]]
+                written = (summed.marks[0] == 2).repeat_interleave(2, 0).repeat_interleave(2, 1)
+                assert torch.equal(up.marks[0] == 2, written) and torch.equal(after.marks[0] == 2, written)
+    # the first frame whole; then two pixels a frame: the sum over the sum's map, the upsampling copies 2
+    assert summed.pixels_written == 2 * 3 and up.pixels_written == 2 * 3 and after.pixels_written == 8 * 3

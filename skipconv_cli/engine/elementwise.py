@@ -83,10 +83,7 @@ class FollowsSparsity(nn.Module):
         """Per input: None (unchanged) or the mark map of its one write since the last call; None overall
         when that is not known (another tensor, one without a revision, more writes, a new stream, the
         output written into)."""
-        out = self.out
-        if self.inputs is None or out is None:
-            return None
-        if out.is_inference() or any(t.is_inference() for t in tensors) or out._version != self.version:
+        if not self.intact() or any(t.is_inference() for t in tensors):
             return None
         found = []
         for t, (ref, number) in zip(tensors, self.inputs, strict=True):
@@ -100,6 +97,14 @@ class FollowsSparsity(nn.Module):
             else:
                 return None
         return found
+
+    def intact(self) -> bool:
+        """Whether ``out`` still holds the output as last handed out (not written into downstream since;
+        inference tensors keep no version counter to tell)."""
+        out = self.out
+        if out is None or self.inputs is None or out.is_inference():
+            return False
+        return out._version == self.version
 
     def lay_out(self, out: torch.Tensor) -> None:
         """``out`` (a fresh output) becomes the state."""
@@ -175,21 +180,26 @@ class SparseSum(FollowsSparsity):
             if self.activation is None:
                 return self._plain(a, b)  # (as fast as the C++ pass without an activation to fuse)
             out = torch.empty_like(a, memory_format=torch.channels_last)
-            native.extension().add_marked(a, b, out, None, None, *activation, _NO_MARKS)
+            native.extension().add_marked(a, b, out, None, None, *activation, _NO_MARKS, False)
             out.skipconv_activation = self.activation  # (as ``activate_`` marks it: applied)
             return out
         if self.shared_by_shapes(a.shape):
             return self._plain(a, b)
         changes = self.changes(a, b)
         if changes is None:
+            # Every pixel is recomputed; over an intact output only the changed ones are written and marked,
+            # so that the ops and layers after this one keep following the sparsity (see ``add_marked``).
+            compare = self.intact()
             if self.out is None:
                 self.lay_out(torch.empty_like(a, memory_format=torch.channels_last))
                 if self.activation is not None:
                     self.out.skipconv_activation = self.activation
-            native.extension().add_marked(a, b, self.out, None, None, *activation, self.marks)
-            self.wrote(None)
+            add = native.extension().add_marked
+            written = add(a, b, self.out, None, None, *activation, self.marks, compare)
+            self.wrote(written if compare else None)
         elif changes[0] is not None or changes[1] is not None:
-            self.wrote(native.extension().add_marked(a, b, self.out, *changes, *activation, self.marks))
+            add = native.extension().add_marked
+            self.wrote(add(a, b, self.out, *changes, *activation, self.marks, False))
         return self.hand_out(a, b)
 
     def _plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -209,8 +219,8 @@ class SparseUpsample(FollowsSparsity):
         self.upsample = upsample
         self.factor = factor  # see ``upsample_factor``
 
-    def _write(self, x: torch.Tensor, marks: torch.Tensor | None) -> int:
-        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks)
+    def _write(self, x: torch.Tensor, marks: torch.Tensor | None, compare: bool = False) -> int:
+        return native.extension().upsample_marked(x, self.out, marks, *self.factor, self.marks, compare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.covered(x) or revision_of(x) is None:  # (no revision: see ``SparseSum.forward``)
@@ -220,11 +230,12 @@ class SparseUpsample(FollowsSparsity):
         if self.shared_by_shapes(shape):
             return self.upsample(x)
         changes = self.changes(x)
-        if changes is None:
+        if changes is None:  # (compare: as in ``SparseSum.forward``)
+            compare = self.intact()
             if self.out is None:
                 self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
-            self._write(x, None)
-            self.wrote(None)
+            written = self._write(x, None, compare)
+            self.wrote(written if compare else None)
         elif changes[0] is not None:
             self.wrote(self._write(x, changes[0]))
         return self.hand_out(x)

@@ -420,11 +420,16 @@ std::vector<int64_t> skip_step(
 
 // out = activation(a + b) at the pixels either input's mark map (uint8 [N, H, W], optional: no map, no
 // change) gives as written (2); marks receives 2 there and 0 elsewhere. No map for either input: every
-// pixel (the inputs' changes are not known), marks left as they are. a, b, out: the same shape, float32
-// channels_last. Returns the pixels written.
+// pixel (the inputs' changes are not known); with compare (out holds the last output, intact) only the
+// pixels whose value changes are written and marked 2, the rest 0, else marks are left as they are. a, b,
+// out: the same shape, float32 channels_last. Returns the pixels written.
+//
+// (Comparing is what keeps the sparsity after an input whose changes are not known: a layer's plain frame
+// recomputes the same values bit for bit where its input did not change, and without marks every sum and
+// layer after such a sum would take the whole map again.)
 int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                    const c10::optional<at::Tensor>& marks_a, const c10::optional<at::Tensor>& marks_b,
-                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks) {
+                   int64_t activation, double act_lo, double act_hi, at::Tensor& marks, bool compare) {
   for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&out)})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(at::MemoryFormat::ChannelsLast) &&
                     t->sizes() == out.sizes(),
@@ -438,6 +443,28 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   uint8_t* md = marks.data_ptr<uint8_t>();
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
   const bool every = !ma && !mb;
+  if (every && compare) {
+    return at::parallel_reduce(
+        0, pixels, grain_rows(C), int64_t(0),
+        [&](int64_t begin, int64_t end, int64_t partial) {
+          std::vector<float> row(C);
+          float* r = row.data();
+          for (int64_t p = begin; p < end; ++p) {
+            const float* x = ad + p * C;
+            const float* y = bd + p * C;
+            float* o = od + p * C;
+#pragma omp simd
+            for (int64_t ch = 0; ch < C; ++ch) r[ch] = x[ch] + y[ch];
+            if (activation != kNone) write_row(r, r, C, activation, lo, hi);
+            const bool changed = std::memcmp(r, o, C * sizeof(float)) != 0;
+            if (changed) std::memcpy(o, r, C * sizeof(float));
+            md[p] = changed ? 2 : 0;
+            partial += changed;
+          }
+          return partial;
+        },
+        std::plus<int64_t>());
+  }
   return at::parallel_reduce(
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
@@ -462,9 +489,11 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
 
 // Nearest upsampling by integer factors (fh, fw) of the input pixels its mark map (uint8 [N, H, W];
 // none: every pixel) gives as written (2): each is copied into its fh x fw output pixels; marks (uint8
-// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. Returns the input pixels copied.
+// [N, H * fh, W * fw]) receives 2 there and 0 elsewhere. With no map and compare (out holds the last
+// output, intact), only the input pixels whose value changed are copied (as add_marked). Returns the input
+// pixels copied.
 int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optional<at::Tensor>& marks_in,
-                        int64_t fh, int64_t fw, at::Tensor& marks) {
+                        int64_t fh, int64_t fw, at::Tensor& marks, bool compare) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.size(0) == x.size(0) &&
@@ -480,7 +509,10 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
       [&](int64_t begin, int64_t end, int64_t partial) {
         for (int64_t row = begin; row < end; ++row) {  // (n, y): output rows (n, y * fh + dy)
           for (int64_t xx = 0; xx < W; ++xx) {
-            const bool take = !mi || mi[row * W + xx] == 2;
+            const float* src = xd + (row * W + xx) * C;
+            const bool take = mi ? mi[row * W + xx] == 2
+                                 : !compare || std::memcmp(src, od + (row * fh * Wo + xx * fw) * C,
+                                                           C * sizeof(float)) != 0;
             partial += take;
             for (int64_t dy = 0; dy < fh; ++dy) {
               const int64_t out_row = row * fh + dy;
@@ -488,7 +520,7 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
               std::memset(mrow, take ? 2 : 0, fw);
               if (!take) continue;
               for (int64_t dx = 0; dx < fw; ++dx)
-                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, xd + (row * W + xx) * C, C * sizeof(float));
+                std::memcpy(od + (out_row * Wo + xx * fw + dx) * C, src, C * sizeof(float));
             }
           }
         }
