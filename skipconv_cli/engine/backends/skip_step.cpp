@@ -26,6 +26,23 @@ int64_t grain_rows(int64_t elements_per_row) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
 }
 
+// Work (elements touched) below which a pass runs on the calling thread: a fork costs ~1 us with the
+// threads spinning and ~4 us after Python ran between two calls (measured on 2 threads), about this much
+// work.
+constexpr int64_t kSerialWork = kGrainElements / 4;
+
+// f over rows [begin, end): on the threads only when the work (estimated) is worth waking them. An
+// incremental step's passes touch a few rows of the map: split by the map's size, they paid the fork for
+// next to nothing.
+template <typename F>
+void for_rows(int64_t begin, int64_t end, int64_t grain, int64_t work, const F& f) {
+  if (work < kSerialWork) {
+    if (begin < end) f(begin, end);
+  } else {
+    at::parallel_for(begin, end, grain, f);
+  }
+}
+
 struct Geometry {
   int64_t n, c, h, w, hp, wp, co, ho, wo;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
@@ -173,6 +190,7 @@ std::vector<int64_t> skip_step(
   // Incremental: a block's support norms changed only if it reads a marked pixel, or if it fired last step
   // (its owned inputs were taken); every other block keeps last step's decision, which was off.
   std::vector<uint8_t> dirty;
+  int64_t marked = 0;  // input pixels written since the last step (incremental)
   if (incremental) {
     dirty.assign(g.n * hb * wb, 0);
     for (int64_t n = 0; n < g.n && im; ++n) {
@@ -181,6 +199,7 @@ std::vector<int64_t> skip_step(
         if (!std::memchr(mrow, 2, g.w)) continue;
         for (int64_t xx = 0; xx < g.w; ++xx) {
           if (mrow[xx] != 2) continue;
+          ++marked;
           // outputs whose taps may read (y, xx): a superset for dilated kernels, which is safe
           const int64_t oy0 = std::max<int64_t>(0, (y + g.ph - g.dh * (g.kh - 1) + g.sh - 1) / g.sh);
           const int64_t oy1 = std::min<int64_t>(g.ho - 1, (y + g.ph) / g.sh);
@@ -240,8 +259,16 @@ std::vector<int64_t> skip_step(
     return {static_cast<int64_t>(units.size()), g.n * g.ho * g.wo, 2, 0};
   };
   if (incremental || forced) {
-    if (!incremental || im) at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), residual_rows);
-    at::parallel_for(0, g.n * hb, grain_rows(g.wo * g.kh * g.kw * block), gate_rows);
+    const int64_t gate_grain = grain_rows(g.wo * g.kh * g.kw * block);
+    if (forced) {
+      at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), residual_rows);
+      at::parallel_for(0, g.n * hb, gate_grain, gate_rows);
+    } else {
+      if (im) for_rows(0, g.n * g.h, grain_rows(g.w * C), marked * C, residual_rows);
+      int64_t evaluated = 0;  // blocks gated again: those reading a written pixel, those that fired last
+      for (int64_t b = 0; b < g.n * hb * wb; ++b) evaluated += gd[b] || dirty[b];
+      for_rows(0, g.n * hb, gate_grain, evaluated * block * block * g.kh * g.kw, gate_rows);
+    }
     for (int64_t n = 0; n < g.n && !forced; ++n) collect_units(n, 0, ty_count);
   } else {
     // A full scan runs in bands of tile rows and stops as soon as more units are active than the
@@ -271,6 +298,8 @@ std::vector<int64_t> skip_step(
       }
     }
   }
+  // per input row: whether it may hold an owned input (the footprint pass skips outputs reading none)
+  std::vector<uint8_t> owned_rows(g.n * g.h, 0);
   if (forced) {
     const int64_t* f = forced_tiles->data_ptr<int64_t>();
     units.assign(f, f + forced_tiles->numel());
@@ -282,8 +311,13 @@ std::vector<int64_t> skip_step(
       for (const int64_t b : units) on[b] = 1;
       for (int64_t row = 0; row < g.n * g.h; ++row) {
         const uint8_t* brow = on.data() + (row / g.h * hb + rown[row % g.h] / block) * wb;
-        for (int64_t xx = 0; xx < g.w; ++xx) od[row * g.w + xx] = brow[cown[xx] / block] ? 2 : 0;
+        for (int64_t xx = 0; xx < g.w; ++xx) {
+          od[row * g.w + xx] = brow[cown[xx] / block] ? 2 : 0;
+          owned_rows[row] |= od[row * g.w + xx];
+        }
       }
+    } else {
+      std::fill(owned_rows.begin(), owned_rows.end(), 1);  // the last frame's owned map: any row
     }
   } else {
     if (units.empty()) {
@@ -291,13 +325,22 @@ std::vector<int64_t> skip_step(
       return {0, 0, 0, 0};
     }
     if (static_cast<double>(units.size()) > busy_above) return busy_frame();
-    // 4. the inputs owned by a gated output take their new value
-    at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), [&](int64_t begin, int64_t end) {
+    // 4. the inputs owned by a gated output take their new value (rows under no gated block: none)
+    std::vector<uint8_t> gated_rows(g.n * hb);
+    for (int64_t b = 0; b < g.n * hb; ++b) gated_rows[b] = std::memchr(gd + b * wb, 1, wb) != nullptr;
+    int64_t rows_on = 0;
+    for (int64_t row = 0; row < g.n * g.h; ++row) rows_on += gated_rows[row / g.h * hb + rown[row % g.h] / block];
+    for_rows(0, g.n * g.h, grain_rows(g.w * C), rows_on * g.w * C, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.h, y = row % g.h;
+        uint8_t* orow = od + row * g.w;
+        owned_rows[row] = gated_rows[n * hb + rown[y] / block];
+        if (!owned_rows[row]) {
+          std::memset(orow, 0, g.w);
+          continue;
+        }
         const uint8_t* grow = gd + (n * hb + rown[y] / block) * wb;
         const float* rr = rd + row * g.w;
-        uint8_t* orow = od + row * g.w;
         for (int64_t xx = 0; xx < g.w; ++xx) {
           if (!grow[cown[xx] / block]) {
             orow[xx] = 0;
@@ -314,13 +357,28 @@ std::vector<int64_t> skip_step(
   }
   // 5. which outputs are recomputed (footprint of the owned inputs) and which are written
   // (forced tiles: from the last frame's owned map, the cost is what is timed, the result is unused)
+  std::vector<uint8_t> footprint_rows(g.n * g.ho, 0);  // output rows with a tap row holding an owned input
+  int64_t footprint_count = 0;
+  for (int64_t row = 0; row < g.n * g.ho; ++row) {
+    const int64_t n = row / g.ho, y0 = row % g.ho * g.sh - g.ph;
+    for (int64_t ky = 0; ky < g.kh && !footprint_rows[row]; ++ky) {
+      const int64_t y = y0 + ky * g.dh;
+      footprint_rows[row] = y >= 0 && y < g.h && owned_rows[n * g.h + y];
+    }
+    footprint_count += footprint_rows[row];
+  }
+  const int64_t footprint_work = footprint_count * g.wo * g.kh * g.kw;
   const int64_t computed = at::parallel_reduce(
-        0, g.n * g.ho, grain_rows(g.wo * g.kh * g.kw), int64_t(0),
+        0, g.n * g.ho, footprint_work < kSerialWork ? g.n * g.ho : grain_rows(g.wo * g.kh * g.kw), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
           for (int64_t row = begin; row < end; ++row) {
             const int64_t n = row / g.ho, oy = row % g.ho;
             const uint8_t* map = od + n * g.h * g.w;
             uint8_t* mrow = md + row * g.wo;
+            if (!footprint_rows[row]) {
+              std::memset(mrow, 0, g.wo);
+              continue;
+            }
             for (int64_t ox = 0; ox < g.wo; ++ox) {
               mrow[ox] = max_at(map, g, oy, ox);
               partial += mrow[ox] > 0;
