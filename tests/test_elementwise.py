@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import skipconv_cli as sc
 from skipconv_cli.engine.activations import CLAMP
 from skipconv_cli.engine.backends import native, sparse
-from skipconv_cli.engine.elementwise import SparseSum, SparseUpsample, upsample_factor
+from skipconv_cli.engine.elementwise import SparseConcat, SparseSum, SparseUpsample, upsample_factor
 from skipconv_cli.pipeline.profile import state_bytes_per_stream
 from tests.conftest import read_frames
 
@@ -285,3 +285,88 @@ def test_after_an_input_whose_changes_are_unknown_only_changed_pixels_are_writte
                 assert torch.equal(up.marks[0] == 2, written) and torch.equal(after.marks[0] == 2, written)
     # the first frame whole; then two pixels a frame: the sum over the sum's map, the upsampling copies 2
     assert summed.pixels_written == 2 * 3 and up.pixels_written == 2 * 3 and after.pixels_written == 8 * 3
+
+
+class Concatenations(nn.Module):
+    """Channel concatenations as in a CSP block and openpose's stages: two layers' outputs, one of them with
+    a map made afresh every frame (a plain op: its changes are not known); a concatenation of maps of two
+    sizes and one along another dim stay ``torch.cat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.left = nn.Conv2d(16, 8, 3, 1, 1)
+        self.right = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(32, 16, 3, 1, 1)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.mix(torch.cat([self.left(x), self.right(x), x * 0.5], dim=1))  # followed
+        z = torch.cat((y, self.head(y)), 1)  # followed (positional dim)
+        wide = torch.cat([z, z], dim=3)  # another dim: plain
+        return self.head(z[:, :16]) + wide[:, :8, :, : z.shape[-1]]
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_concatenations_follow_the_sparsity_bit_for_bit(
+    stream: torch.Tensor, threshold: float, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    net = Concatenations().eval()
+    model, without = followed_and_plain(net, monkeypatch, threshold=threshold, block=2)
+    concats = [m for m in model.modules() if isinstance(m, SparseConcat)]
+    assert len(concats) == 2
+    (got, got_gates), (expected, expected_gates) = run(model, stream), run(without, stream)
+    for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(a, b), f"frame {frame}"
+    for ga, gb in zip(got_gates, expected_gates, strict=True):
+        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+    if threshold == 0.0:
+        with torch.no_grad():
+            dense = [net(frame) for frame in stream]
+        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
+    # after the first frame only the changed pixels were written (the fresh map compared pixel by pixel)
+    for op in concats:
+        whole = op.out[0, 0].numel() * (len(stream) - 1)
+        assert 0 < op.pixels_written < whole
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_a_concatenation_writes_and_marks_what_each_input_changed() -> None:
+    """Per input: a layer's one write (its mark map), no change, or a fresh map compared with its channels."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    layer_out = torch.randn(1, 3, 5, 6).contiguous(memory_format=cl)
+    layer_out.skipconv_revision = revision = sparse.Revision()
+    still = torch.randn(1, 2, 5, 6).contiguous(memory_format=cl)
+    still.skipconv_revision = sparse.Revision()
+    fresh = torch.randn(1, 4, 5, 6).contiguous(memory_format=cl)
+    concat = SparseConcat()
+    with torch.no_grad():
+        out = concat(layer_out, still, fresh)
+        assert torch.equal(out, torch.cat([layer_out, still, fresh], 1)) and out is concat.out
+        assert concat.revision.marks is None  # laid out: written whole
+        for frame in range(1, 4):
+            layer_out[0, :, frame, frame] += 1.0  # the layer's write, where its mark map says
+            revision.number += 1
+            revision.marks = torch.zeros(1, 5, 6, dtype=torch.uint8)
+            revision.marks[0, frame, frame] = 2
+            revision.marked = revision.number
+            fresh = fresh.clone(memory_format=cl)
+            fresh[0, 1, 4, 5 - frame] -= 1.0
+            assert concat(layer_out, still, fresh) is out
+            assert torch.equal(out, torch.cat([layer_out, still, fresh], 1)), f"frame {frame}"
+            written = sorted([[frame, frame], [4, 5 - frame]])
+            assert torch.nonzero(concat.marks[0] == 2).tolist() == written
+            assert concat.revision.marked == concat.revision.number
+        assert concat.pixels_written == 2 * 3
+        # nothing changed: nothing written, the revision stays
+        number = concat.revision.number
+        assert concat(layer_out, still, fresh.clone(memory_format=cl)) is out
+        assert concat.revision.number == number and concat.pixels_written == 6
+        # all made afresh: the plain concatenation, no state kept
+        plain = concat(fresh, fresh)
+        assert concat.out is None and sparse.revision_of(plain) is None
+        assert torch.equal(plain, torch.cat([fresh, fresh], 1))

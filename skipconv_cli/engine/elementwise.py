@@ -1,4 +1,5 @@
-"""Ops between Skip-Conv layers that follow the sparsity: residual sums and nearest upsampling.
+"""Ops between Skip-Conv layers that follow the sparsity: residual sums, nearest upsampling and channel
+concatenations.
 
 Between convolutions most networks add maps (residual shortcuts), often followed by an activation, and
 upsample maps to add them to finer ones (HRNet's fuse layers, FPNs). Dense, such an op costs a pass over
@@ -14,9 +15,10 @@ fresh tensor) are taken whole, in one pass into the same state. Broadcasting, au
 devices the C++ step does not cover run the plain op.
 
 ``convert`` (sparse backend) calls :func:`follow_sparsity`: ``nn.Upsample`` modules (nearest, power-of-two
-factors) become :class:`SparseUpsample`, and each ``a + b`` between two tensors in the forward of the
-model's blocks (a symbolic trace of each module's own forward, its children as leaves) a :class:`SparseSum`;
-an activation module that alone reads the sum is applied by the sum.
+factors) become :class:`SparseUpsample`, and in the forward of the model's blocks (a symbolic trace of each
+module's own forward, its children as leaves) each ``a + b`` between two tensors a :class:`SparseSum` (an
+activation module that alone reads the sum is applied by the sum) and each ``torch.cat(maps, dim=1)`` a
+:class:`SparseConcat`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.backends.sparse import Revision, revision_of
 
 ADDS = (operator.add, torch.add)
+CONCATS = (torch.cat, torch.concat, torch.concatenate)
+_UNKNOWN = object()  # (see ``FollowsSparsity.change_of``)
+# what ``concat_marked`` is told of each input (the C++ InputChange)
+_UNCHANGED, _MARKED, _COMPARED, _WHOLE = 0, 1, 2, 3
 _NO_MARKS = torch.empty(0, dtype=torch.uint8)  # what a pass over every pixel writes no marks into
 IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
 
@@ -83,20 +89,24 @@ class FollowsSparsity(nn.Module):
         """Per input: None (unchanged) or the mark map of its one write since the last call; None overall
         when that is not known (another tensor, one without a revision, more writes, a new stream, the
         output written into)."""
-        if not self.intact() or any(t.is_inference() for t in tensors):
+        if not self.intact() or len(tensors) != len(self.inputs):
             return None
-        found = []
-        for t, (ref, number) in zip(tensors, self.inputs, strict=True):
-            revision = revision_of(t)
-            if t is not ref() or revision is None:
-                return None
-            if revision.number == number:
-                found.append(None)
-            elif revision.number == number + 1 and revision.marked == revision.number:
-                found.append(revision.marks)
-            else:
-                return None
-        return found
+        found = [self.change_of(t, *last) for t, last in zip(tensors, self.inputs, strict=True)]
+        return None if any(change is _UNKNOWN for change in found) else found
+
+    @staticmethod
+    def change_of(t: torch.Tensor, ref: weakref.ref, number: int | None) -> object:
+        """What is known of ``t``'s change since the call that read ``ref`` at revision ``number``: None
+        (unchanged), the mark map of its one write, or ``_UNKNOWN`` (another tensor, none with a revision,
+        more writes)."""
+        revision = revision_of(t)
+        if t is not ref() or revision is None or t.is_inference():
+            return _UNKNOWN
+        if revision.number == number:
+            return None
+        if revision.number == number + 1 and revision.marked == revision.number:
+            return revision.marks
+        return _UNKNOWN
 
     def intact(self) -> bool:
         """Whether ``out`` still holds the output as last handed out (not written into downstream since;
@@ -241,6 +251,40 @@ class SparseUpsample(FollowsSparsity):
         return self.hand_out(x)
 
 
+class SparseConcat(FollowsSparsity):
+    """``torch.cat(maps, dim=1)``, rewritten only where its inputs changed: each input's marked pixels are
+    copied into its channels; an input whose changes are not known (a layer's plain frame, a fresh map) is
+    compared with its channels, pixel by pixel, and copied where it differs. The output's marks are where
+    any input was written, so the layer reading the concatenation scans incrementally (openpose-mbv2's
+    stages read ``cat(paf, heat, features)``, yolox's CSP blocks and neck concatenate too)."""
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        # all made afresh (layers' plain frames: a moving camera): nothing worth keeping, checked first
+        # (the plain concatenation should cost what ``torch.cat`` costs)
+        fresh = all(revision_of(t) is None for t in tensors)
+        if fresh or not (self.covered(*tensors) and len({(t.shape[0], *t.shape[2:]) for t in tensors}) == 1):
+            if self.out is not None:
+                self.drop()
+            return torch.cat(tensors, 1)
+        first = tensors[0]
+        shape = (first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:])
+        if self.shared_by_shapes(shape):
+            return torch.cat(tensors, 1)
+        concat = native.extension().concat_marked
+        if self.intact() and len(tensors) == len(self.inputs):
+            known = [self.change_of(t, *last) for t, last in zip(tensors, self.inputs, strict=True)]
+            changes = [_COMPARED if k is _UNKNOWN else _UNCHANGED if k is None else _MARKED for k in known]
+            marks = [k if c == _MARKED else None for k, c in zip(known, changes, strict=True)]
+            if any(changes):
+                self.wrote(concat(list(tensors), marks, changes, self.out, self.marks))
+        else:
+            if self.out is None:
+                self.lay_out(first.new_empty(shape).contiguous(memory_format=torch.channels_last))
+            concat(list(tensors), [None] * len(tensors), [_WHOLE] * len(tensors), self.out, self.marks)
+            self.wrote(None)
+        return self.hand_out(*tensors)
+
+
 def upsample_factor(module: nn.Module) -> tuple[int, int] | None:
     """(fh, fw) of an ``nn.Upsample`` that :class:`SparseUpsample` can follow: nearest, scale factors that
     are powers of two (exact in floating point, so the output pixel's source is exactly ``oy // fh``)."""
@@ -286,9 +330,10 @@ def follow_sparsity(model: nn.Module) -> int:
 
 def follow_sums(model: nn.Module) -> int:
     """Replaces, in place, each sum of two tensors in the forward of ``model``'s own (non-``torch.nn``)
-    modules by a :class:`SparseSum`, fusing an activation module that alone reads it. A forward that
+    modules by a :class:`SparseSum`, fusing an activation module that alone reads it, and each channel
+    concatenation by a :class:`SparseConcat`. A forward that
     takes lists of tensors (HRNet's modules: one map per branch) is traced on its first call, when their
-    lengths are known; modules whose forward cannot be traced run as written. Returns how many sums were
+    lengths are known; modules whose forward cannot be traced run as written. Returns how many ops were
     replaced now."""
     replaced = 0
     for module in list(model.modules()):
@@ -306,7 +351,7 @@ def follow_sums(model: nn.Module) -> int:
 
 
 def _rewrite(module: nn.Module, graph: fx.Graph, guard: Callable[..., bool] | None = None) -> int:
-    count = _replace_sums(module, graph)
+    count = _replace_sums(module, graph) + _replace_concats(module, graph)
     if count:
         traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
         if guard is None:  # the instance's forward: the module keeps its type and state
@@ -347,6 +392,33 @@ def _trace_on_first_call(module: nn.Module, args: tuple) -> None:
         )
 
     _rewrite(module, graph, guard=same_lengths)
+
+
+def _replace_concats(module: nn.Module, graph: fx.Graph) -> int:
+    """``torch.cat`` of a list of maps along dim 1 -> :class:`SparseConcat` (its checks at run time: 4-D
+    maps of one size; anything else runs ``torch.cat``)."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in CONCATS or not node.args:
+            continue
+        maps, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim != 1 or set(node.kwargs) - {"dim"} or not isinstance(maps, (list, tuple)):
+            continue
+        if not maps or not all(isinstance(arg, fx.Node) for arg in maps):
+            continue
+        if any(_writes_in_place(user) for user in node.users):
+            continue  # (as for sums)
+        name = f"skipconv_concat{count}"
+        while hasattr(module, name):
+            name += "_"
+        module.add_module(name, SparseConcat())
+        with graph.inserting_after(node):
+            concatenated = graph.call_module(name, args=tuple(maps))
+        node.replace_all_uses_with(concatenated)
+        graph.erase_node(node)
+        count += 1
+    graph.lint()
+    return count
 
 
 def _replace_sums(module: nn.Module, graph: fx.Graph) -> int:

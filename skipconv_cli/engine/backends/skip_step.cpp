@@ -587,8 +587,74 @@ int64_t upsample_marked(const at::Tensor& x, at::Tensor& out, const c10::optiona
       std::plus<int64_t>());
 }
 
+// What concat_marked knows of an input since its last call.
+enum InputChange : int64_t { kUnchanged = 0, kMarked = 1, kUnknown = 2, kWhole = 3 };
+
+// out = the inputs ([N, C_i, H, W] float32 channels_last maps) concatenated along the channels,
+// each input following what is known of its change (changes[i], an InputChange): unchanged, nothing to
+// do; marked, its pixels whose mark map (uint8 [N, H, W]) holds 2 are copied; unknown, every pixel is
+// compared with its slice of out (which holds the last output, intact) and copied where it differs; whole,
+// every pixel is copied (out laid out afresh). marks receives 2 where a slice was written, 0 elsewhere.
+// Returns the pixels written.
+int64_t concat_marked(const std::vector<at::Tensor>& inputs,
+                      const std::vector<c10::optional<at::Tensor>>& input_marks,
+                      const std::vector<int64_t>& changes, at::Tensor& out, at::Tensor& marks) {
+  const int64_t count = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK(count > 0 && static_cast<int64_t>(input_marks.size()) == count &&
+                  static_cast<int64_t>(changes.size()) == count,
+              "concat_marked: one mark map and one change per input");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 4 &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast) && marks.scalar_type() == at::kByte &&
+                  marks.numel() == out.size(0) * out.size(2) * out.size(3),
+              "concat_marked: out float32 channels_last, marks uint8 [N, H, W]");
+  const int64_t Co = out.size(1), pixels = out.size(0) * out.size(2) * out.size(3);
+  std::vector<const float*> src(count);
+  std::vector<const uint8_t*> mk(count, nullptr);
+  std::vector<int64_t> channels(count), offset(count);
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 4 &&
+                    t.is_contiguous(at::MemoryFormat::ChannelsLast) && t.size(0) == out.size(0) &&
+                    t.size(2) == out.size(2) && t.size(3) == out.size(3),
+                "concat_marked: inputs float32 channels_last of out's batch and size");
+    TORCH_CHECK(changes[i] != kMarked || (input_marks[i].has_value() && input_marks[i]->numel() == pixels),
+                "concat_marked: a marked input needs its mark map");
+    src[i] = t.data_ptr<float>();
+    if (changes[i] == kMarked) mk[i] = input_marks[i]->data_ptr<uint8_t>();
+    channels[i] = t.size(1);
+    offset[i] = total;
+    total += channels[i];
+  }
+  TORCH_CHECK(total == Co, "concat_marked: the inputs' channels must add up to out's");
+  float* od = out.data_ptr<float>();
+  uint8_t* md = marks.data_ptr<uint8_t>();
+  return at::parallel_reduce(
+      0, pixels, grain_rows(Co), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t partial) {
+        for (int64_t p = begin; p < end; ++p) {
+          bool wrote = false;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t change = changes[i];
+            if (change == kUnchanged || (change == kMarked && mk[i][p] != 2)) continue;
+            const float* from = src[i] + p * channels[i];
+            float* to = od + p * Co + offset[i];
+            const size_t bytes = channels[i] * sizeof(float);
+            if (change == kUnknown && std::memcmp(to, from, bytes) == 0) continue;
+            std::memcpy(to, from, bytes);
+            wrote = true;
+          }
+          md[p] = wrote ? 2 : 0;
+          partial += wrote;
+        }
+        return partial;
+      },
+      std::plus<int64_t>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skip_step", &skip_step, "One Skip-Conv frame of one layer (CPU, channels_last float32)");
   m.def("add_marked", &add_marked, "A sum (and its activation) recomputed where its inputs were written");
   m.def("upsample_marked", &upsample_marked, "Nearest upsampling of the pixels its input wrote");
+  m.def("concat_marked", &concat_marked, "A channel concatenation rewritten where its inputs changed");
 }
