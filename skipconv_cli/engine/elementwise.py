@@ -316,8 +316,8 @@ class _OwnForwardTracer(fx.Tracer):
 
 def follow_sparsity(model: nn.Module) -> int:
     """Replaces, in place, the ops of ``model`` that can follow the sparse backend's sparsity: nearest
-    ``nn.Upsample`` modules (see ``upsample_factor``) and sums of two tensors (see ``follow_sums``). Returns
-    how many were replaced now."""
+    ``nn.Upsample`` modules (see ``upsample_factor``), sums of two tensors and channel concatenations (see
+    ``follow_sums``). Returns how many were replaced now."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -331,10 +331,9 @@ def follow_sparsity(model: nn.Module) -> int:
 def follow_sums(model: nn.Module) -> int:
     """Replaces, in place, each sum of two tensors in the forward of ``model``'s own (non-``torch.nn``)
     modules by a :class:`SparseSum`, fusing an activation module that alone reads it, and each channel
-    concatenation by a :class:`SparseConcat`. A forward that
-    takes lists of tensors (HRNet's modules: one map per branch) is traced on its first call, when their
-    lengths are known; modules whose forward cannot be traced run as written. Returns how many ops were
-    replaced now."""
+    concatenation by a :class:`SparseConcat`. A forward that takes lists of tensors (HRNet's modules: one
+    map per branch) is traced on its first call, when their lengths are known; modules whose forward cannot
+    be traced run as written. Returns how many ops were replaced now."""
     replaced = 0
     for module in list(model.modules()):
         if type(module).__module__.startswith("torch.") or not list(module.children()):
