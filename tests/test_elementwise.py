@@ -16,7 +16,14 @@ from torch.nn import functional as F
 import skipconv_cli as sc
 from skipconv_cli.engine.activations import CLAMP
 from skipconv_cli.engine.backends import native, sparse
-from skipconv_cli.engine.elementwise import SparseConcat, SparseSum, SparseUpsample, upsample_factor
+from skipconv_cli.engine.elementwise import (
+    SparseConcat,
+    SparsePad,
+    SparseSum,
+    SparseUpsample,
+    register_zero_pad,
+    upsample_factor,
+)
 from skipconv_cli.pipeline.profile import state_bytes_per_stream
 from tests.conftest import read_frames
 
@@ -370,3 +377,80 @@ def test_a_concatenation_writes_and_marks_what_each_input_changed() -> None:
         plain = concat(fresh, fresh)
         assert concat.out is None and sparse.revision_of(plain) is None
         assert torch.equal(plain, torch.cat([fresh, fresh], 1))
+
+
+class AsymmetricPad(nn.Module):
+    """TF "SAME" padding before a stride-2 conv: the odd pixel at the bottom and right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, (0, 1, 0, 1))
+
+
+register_zero_pad(AsymmetricPad, lambda module, x: (0, 1, 0, 1))
+
+
+class Pads(nn.Module):
+    """Zero paddings (a static one, a declared one) before unpadded convs; a padding with ones stays plain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU())
+        self.pad = nn.ZeroPad2d((1, 2, 2, 1))
+        self.conv = nn.Conv2d(16, 16, 3, 1, 0)
+        self.same = AsymmetricPad()
+        self.down = nn.Conv2d(16, 16, 3, 2, 0)
+        self.ones = nn.ConstantPad2d(1, 1.0)
+        self.head = nn.Conv2d(16, 8, 3, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ones(self.down(self.same(self.conv(self.pad(self.stem(x)))))))
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_zero_paddings_follow_the_sparsity_bit_for_bit(
+    stream: torch.Tensor, threshold: float, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    net = Pads().eval()
+    model, without = followed_and_plain(net, monkeypatch, threshold=threshold, block=2)
+    assert isinstance(model.pad, SparsePad) and isinstance(model.same, SparsePad)
+    (got, _), (expected, _) = run(model, stream), run(without, stream)
+    assert model.ones.out is None, "padding with ones: not a zero padding, no state"
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    if threshold == 0.0:
+        with torch.no_grad():
+            dense = [net(frame) for frame in stream]
+        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
+    for op in (model.pad, model.same):
+        whole = op.out[0, 0].numel() * (len(stream) - 1)
+        assert 0 < op.pixels_written < whole
+
+
+@pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
+def test_a_padding_copies_and_marks_only_what_its_input_changed() -> None:
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(1, 3, 4, 5).contiguous(memory_format=cl)
+    x.skipconv_revision = revision = sparse.Revision()
+    pad = SparsePad(nn.ZeroPad2d((2, 0, 1, 3)), lambda module, t: (2, 0, 1, 3))
+    with torch.no_grad():
+        out = pad(x)
+        assert torch.equal(out, nn.functional.pad(x, (2, 0, 1, 3))) and out is pad.out
+        x[0, :, 3, 4] = 7.0  # the layer before wrote one pixel
+        revision.number += 1
+        revision.marks = torch.zeros(1, 4, 5, dtype=torch.uint8)
+        revision.marks[0, 3, 4] = 2
+        revision.marked = revision.number
+        assert pad(x) is out and torch.equal(out, nn.functional.pad(x, (2, 0, 1, 3)))
+        assert torch.nonzero(pad.marks[0] == 2).tolist() == [[1 + 3, 2 + 4]]
+        # the layer's new output tensor (a busy frame: written whole, no marks): compared, one pixel differs
+        fresh = x.clone(memory_format=cl)
+        fresh[0, 0, 0, 0] = -7.0
+        fresh.skipconv_revision = revision
+        revision.number += 1
+        revision.marks, revision.marked = None, -1
+        assert pad(fresh) is out and torch.equal(out, nn.functional.pad(fresh, (2, 0, 1, 3)))
+        assert torch.nonzero(pad.marks[0] == 2).tolist() == [[1, 2]] and pad.pixels_written == 2
+        plain = pad(torch.randn(1, 3, 4, 5).contiguous(memory_format=cl))  # no revision: the plain module
+        assert pad.out is None and sparse.revision_of(plain) is None

@@ -11,7 +11,7 @@ from skipconv_cli.engine.convert import (
     set_thresholds,
     skip_layers,
 )
-from skipconv_cli.engine.elementwise import FollowsSparsity
+from skipconv_cli.engine.elementwise import FollowsSparsity, register_zero_pad
 from skipconv_cli.engine.skip_conv import SkipConv2d
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "convert",
     "fold_batchnorms",
     "fuse_activations",
+    "register_zero_pad",
     "report",
     "reset",
     "reset_stats",

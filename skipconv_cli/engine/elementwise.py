@@ -285,6 +285,68 @@ class SparseConcat(FollowsSparsity):
         return self.hand_out(*tensors)
 
 
+# (left, right, top, bottom) a zero-padding module adds to a map, per module type (``register_zero_pad``)
+PaddingOf = Callable[[nn.Module, torch.Tensor], "tuple[int, int, int, int] | None"]
+_ZERO_PADS: dict[type, PaddingOf] = {}
+
+
+def register_zero_pad(module_type: type, padding_of: PaddingOf) -> None:
+    """Declares ``module_type`` a module that zero-pads the last two dims of a 4-D map by ``padding_of(module,
+    x)`` = (left, right, top, bottom) (None: it does something else for that module or map), so that the
+    sparse backend follows it (:class:`SparsePad`). ``nn.ZeroPad2d`` and ``nn.ConstantPad2d`` are declared;
+    a model's own padding module (TF "SAME" padding decided at run time) declares itself."""
+    _ZERO_PADS[module_type] = padding_of
+
+
+def _static_zero_padding(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int] | None:
+    padding = tuple(module.padding)
+    if getattr(module, "value", 0.0) != 0.0 or len(padding) != 4 or min(padding) < 0:
+        return None
+    return padding  # type: ignore[return-value]
+
+
+register_zero_pad(nn.ZeroPad2d, _static_zero_padding)
+register_zero_pad(nn.ConstantPad2d, _static_zero_padding)
+
+
+class SparsePad(FollowsSparsity):
+    """A zero-padding module (see ``register_zero_pad``) whose output is kept: only the pixels its input
+    wrote are copied in (an input whose changes are not known: compared pixel by pixel), so that the layer
+    reading the padded map (a TF-style stride-2 conv, padded "SAME" before it) scans it incrementally
+    instead of a fresh map whole every frame. Inputs made afresh or not covered: the module it wraps."""
+
+    def __init__(self, pad: nn.Module, padding_of: PaddingOf) -> None:
+        super().__init__()
+        self.pad = pad
+        self.padding_of = padding_of
+        self.offset: tuple[int, int] | None = None  # (top, left) of the input in the kept output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = None if revision_of(x) is None or not self.covered(x) else self.padding_of(self.pad, x)
+        if padding is None or not any(padding):
+            if self.out is not None:
+                self.drop()
+            return self.pad(x)
+        left, right, top, bottom = padding
+        shape = (x.shape[0], x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right)
+        if self.shared_by_shapes(shape):
+            return self.pad(x)
+        pad = native.extension().pad_marked
+        if self.intact() and self.offset == (top, left):
+            known = self.change_of(x, *self.inputs[0])
+            if known is _UNKNOWN:
+                self.wrote(pad(x, self.out, None, top, left, _COMPARED, self.marks))
+            elif known is not None:
+                self.wrote(pad(x, self.out, known, top, left, _MARKED, self.marks))
+        else:
+            if self.out is None:
+                self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
+            pad(x, self.out, None, top, left, _WHOLE, self.marks)
+            self.offset = (top, left)
+            self.wrote(None)
+        return self.hand_out(x)
+
+
 def upsample_factor(module: nn.Module) -> tuple[int, int] | None:
     """(fh, fw) of an ``nn.Upsample`` that :class:`SparseUpsample` can follow: nearest, scale factors that
     are powers of two (exact in floating point, so the output pixel's source is exactly ``oy // fh``)."""
@@ -316,14 +378,17 @@ class _OwnForwardTracer(fx.Tracer):
 
 def follow_sparsity(model: nn.Module) -> int:
     """Replaces, in place, the ops of ``model`` that can follow the sparse backend's sparsity: nearest
-    ``nn.Upsample`` modules (see ``upsample_factor``), sums of two tensors and channel concatenations (see
-    ``follow_sums``). Returns how many were replaced now."""
+    ``nn.Upsample`` modules (see ``upsample_factor``), zero-padding modules (see ``register_zero_pad``), sums
+    of two tensors and channel concatenations (see ``follow_sums``). Returns how many were replaced now."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             factor = upsample_factor(child)
             if factor is not None:
                 setattr(parent, name, SparseUpsample(child, factor))
+                replaced += 1
+            elif type(child) in _ZERO_PADS:
+                setattr(parent, name, SparsePad(child, _ZERO_PADS[type(child)]))
                 replaced += 1
     return replaced + follow_sums(model)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from skipconv_cli.engine import register_zero_pad
 from skipconv_cli.errors import SkipconvError
 from skipconv_cli.models.pose import COCO18_KEYPOINTS, postprocess_openpose, preprocess_openpose
 from skipconv_cli.models.registry import ModelSpec, register_model
@@ -99,6 +100,16 @@ class PadSame(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel[0]}, stride={self.stride[0]}"
+
+    def padding(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) that ``pad_same`` adds to ``x``."""
+        ph = get_same_padding(x.shape[-2], self.kernel[0], self.stride[0], self.dilation[0])
+        pw = get_same_padding(x.shape[-1], self.kernel[1], self.stride[1], self.dilation[1])
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+# the sparse backend keeps the padded map and copies in only what changed (``engine.register_zero_pad``)
+register_zero_pad(PadSame, PadSame.padding)
 
 
 # ---------------------------------------------------------------------------------------------- upsample

@@ -652,9 +652,60 @@ int64_t concat_marked(const std::vector<at::Tensor>& inputs,
       std::plus<int64_t>());
 }
 
+// out = x ([N, C, H, W] float32 channels_last) zero-padded, x at (top, left) of out, following what is
+// known of x's change (an InputChange, as concat_marked): marked, its pixels whose mark map (uint8 [N, H,
+// W]) holds 2 are copied; unknown, every pixel is compared with out's and copied where it differs; whole,
+// out is written whole, borders included. marks (uint8 [N, Ho, Wo]) receives 2 where a pixel was written,
+// 0 elsewhere (the borders: never written after the first time). Returns the pixels written.
+int64_t pad_marked(const at::Tensor& x, at::Tensor& out, const c10::optional<at::Tensor>& input_marks,
+                   int64_t top, int64_t left, int64_t change, at::Tensor& marks) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && x.dim() == 4 &&
+                  out.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.size(0) == x.size(0) &&
+                  out.size(1) == x.size(1) && top >= 0 && left >= 0 && out.size(2) >= x.size(2) + top &&
+                  out.size(3) >= x.size(3) + left,
+              "pad_marked: float32 channels_last maps, x inside out at (top, left)");
+  TORCH_CHECK(marks.scalar_type() == at::kByte && marks.numel() == out.size(0) * out.size(2) * out.size(3),
+              "pad_marked: marks uint8 [N, Ho, Wo]");
+  TORCH_CHECK(change != kMarked || (input_marks.has_value() &&
+                                    input_marks->numel() == x.size(0) * x.size(2) * x.size(3)),
+              "pad_marked: a marked input needs its mark map");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), Ho = out.size(2), Wo = out.size(3);
+  const float* xd = x.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const uint8_t* mi = change == kMarked ? input_marks->data_ptr<uint8_t>() : nullptr;
+  uint8_t* md = marks.data_ptr<uint8_t>();
+  std::memset(md, 0, marks.numel());
+  if (change == kWhole) out.zero_();
+  if (change == kUnchanged) return 0;
+  const size_t bytes = C * sizeof(float);
+  return at::parallel_reduce(
+      0, x.size(0) * H, grain_rows(W * C), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t partial) {
+        for (int64_t row = begin; row < end; ++row) {  // (n, y)
+          const int64_t n = row / H, y = row % H;
+          const uint8_t* mrow = mi ? mi + row * W : nullptr;
+          if (mrow && !std::memchr(mrow, 2, W)) continue;
+          const int64_t out_row = (n * Ho + y + top) * Wo + left;
+          for (int64_t xx = 0; xx < W; ++xx) {
+            if (mrow && mrow[xx] != 2) continue;
+            const float* from = xd + (row * W + xx) * C;
+            float* to = od + (out_row + xx) * C;
+            if (change == kUnknown && std::memcmp(to, from, bytes) == 0) continue;
+            std::memcpy(to, from, bytes);
+            md[out_row + xx] = 2;
+            ++partial;
+          }
+        }
+        return partial;
+      },
+      std::plus<int64_t>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skip_step", &skip_step, "One Skip-Conv frame of one layer (CPU, channels_last float32)");
   m.def("add_marked", &add_marked, "A sum (and its activation) recomputed where its inputs were written");
   m.def("upsample_marked", &upsample_marked, "Nearest upsampling of the pixels its input wrote");
   m.def("concat_marked", &concat_marked, "A channel concatenation rewritten where its inputs changed");
+  m.def("pad_marked", &pad_marked, "A zero padding rewritten where its input changed");
 }
