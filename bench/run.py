@@ -147,8 +147,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         "",
         "| model, clip | input | gate, τ, block | dense ms | skip ms | speedup | after start | "
         "MAC reduction | realised | paper speedup | max diff (of scale) | state / dense peak | "
-        "dense layout |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "weight copies | dense layout |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t, m = r["time"], r["macs"]
@@ -160,7 +160,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             f"{t['speedup_after_start']:.2f}x | {m['reduction']:.2f}x | {100 * r['realised']:.0f}% | "
             f"{paper} | "
             f"{100 * r['output_difference']['relative_to_output_scale']:.2f}% | "
-            f"{r['memory']['state_over_dense_peak']:.2f}x | {r['dense_layout']} |"
+            f"{r['memory']['state_over_dense_peak']:.2f}x | "
+            f"{r['memory'].get('weight_layout_bytes', 0) / 2**20:.1f} MiB | {r['dense_layout']} |"
         )
     return "\n".join(lines) + "\n"
 

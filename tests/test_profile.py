@@ -33,6 +33,7 @@ def test_profile_json_has_times_macs_and_layers(env: dict, tmp_path: Path) -> No
         assert share == f"{100 * max(counts.values()) / 8:.0f}%"
     assert data["dense_layout"] in ("nchw", "channels_last")
     assert data["memory"]["state_bytes_per_stream"] > 0 and data["memory"]["dense_peak_activation_bytes"] > 0
+    assert data["memory"]["weight_layout_bytes"] > 0
     assert "faster" in result.stdout and "of the MAC reduction realised" in result.stdout
 
 

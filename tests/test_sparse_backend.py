@@ -217,7 +217,12 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
     total = {"1": 0, "0": 0}
     kinds = set()
     for with_pixels, with_tiles in zip(runs["1"], runs["0"], strict=True):
-        assert with_pixels._sparse_state.maps.pixel_weight is not None
+        matrix = with_pixels._sparse_state.maps.pixel_weight
+        assert matrix is not None
+        # the weight's copy is counted once for all streams, not as stream state (the tiles keep none)
+        assert with_pixels.weight_layout_bytes() == matrix.untyped_storage().nbytes() > 0
+        assert with_tiles.weight_layout_bytes() == 0
+        assert with_pixels.state_bytes() == with_tiles.state_bytes()
         kinds.add(with_pixels.groups == 1)
         assert with_pixels.layer_stats() == with_tiles.layer_stats(), "the same gates, the same MACs counted"
         run_pixels, run_tiles = (sparse_macs_run(layer) for layer in (with_pixels, with_tiles))

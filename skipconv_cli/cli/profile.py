@@ -114,6 +114,8 @@ def print_profile(console: Console, result: dict, top: int) -> None:
         f"output difference vs dense: max {diff['max_abs']:.3g} "
         f"({diff['relative_to_output_scale']:.2%} of the output scale); "
         f"state {memory['state_bytes_per_stream'] / 2**20:.1f} MiB per stream = "
-        f"{memory['state_over_dense_peak']:.2f}x the dense peak activations",
+        f"{memory['state_over_dense_peak']:.2f}x the dense peak activations "
+        f"(and {memory['weight_layout_bytes'] / 2**20:.1f} MiB of weights copied in the sparse path's "
+        "layout, once for all streams)",
         soft_wrap=True,
     )

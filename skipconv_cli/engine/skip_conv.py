@@ -451,17 +451,26 @@ class SkipConv2d(nn.Conv2d):
             self._computed_outputs = self._computed_outputs.to(computed.device) + computed.sum()
 
     def state_bytes(self) -> int:
-        """Bytes of stream state held for all streams: reference input, output and backend buffers."""
+        """Bytes of stream state held for all streams: reference input, output and backend buffers (not the
+        copy of the weight the C++ step reads, which does not grow with the streams: see
+        ``weight_layout_bytes``)."""
         tensors = [self._x_ref, self._z]
         state = self._sparse_state
         if state is not None:
-            maps = vars(state.maps).values() if state.maps is not None else ()
-            held = [*vars(state).values(), *maps]
+            maps = vars(state.maps).items() if state.maps is not None else ()
+            held = [*vars(state).values(), *(t for name, t in maps if name != "pixel_weight")]
             tensors += [t for t in held if isinstance(t, torch.Tensor)]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
         }
         return sum(storages.values())
+
+    def weight_layout_bytes(self) -> int:
+        """Bytes of the weight's copy in the layout the C++ step's pixel path reads (one for all streams)."""
+        state = self._sparse_state
+        maps = state.maps if state is not None else None
+        matrix = maps.pixel_weight if maps is not None else None
+        return matrix.untyped_storage().nbytes() if matrix is not None else 0
 
     def layer_stats(self) -> dict:
         """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""

@@ -94,6 +94,11 @@ def state_bytes_per_stream(model: nn.Module, streams: int = 1) -> int:
     return sum(held) // streams
 
 
+def weight_layout_bytes(model: nn.Module) -> int:
+    """Bytes of the weight copies the sparse backend reads (one per layer, whatever the number of streams)."""
+    return sum(m.weight_layout_bytes() for m in model.modules() if isinstance(m, SkipConv2d))
+
+
 def _tensors(value: object) -> Iterable[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -259,6 +264,7 @@ def profile_model(
             "dense_peak_activation_bytes": peak,
             "state_bytes_per_stream": state,
             "state_over_dense_peak": state / max(peak, 1),
+            "weight_layout_bytes": weight_layout_bytes(skip),
         },
         "layers": layers,
     }

@@ -911,7 +911,8 @@ def _eviction_buffer() -> torch.Tensor:
 
 def _eviction_bytes(layer: SkipConv2d) -> int:
     """What to write before a timed run of ``layer``'s work: 4x its state and weights, at most EVICT_BYTES."""
-    return min(EVICT_BYTES, 4 * (layer.state_bytes() + layer.weight.untyped_storage().nbytes()))
+    held = layer.state_bytes() + layer.weight_layout_bytes() + layer.weight.untyped_storage().nbytes()
+    return min(EVICT_BYTES, 4 * held)
 
 
 def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
