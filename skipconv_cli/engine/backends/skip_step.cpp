@@ -523,6 +523,41 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   uint8_t* md = marks.data_ptr<uint8_t>();
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
   const bool every = !ma && !mb;
+  if (!every) {
+    // rows no input wrote are cleared, not walked (most of them when few pixels changed), and a sum of a
+    // few rows runs without a fork
+    const int64_t rows = out.size(0) * out.size(2), W = out.size(3);
+    std::vector<uint8_t> row_on(rows);
+    int64_t rows_on = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      row_on[r] = (ma && std::memchr(ma + r * W, 2, W)) || (mb && std::memchr(mb + r * W, 2, W));
+      if (!row_on[r]) std::memset(md + r * W, 0, W);
+      rows_on += row_on[r];
+    }
+    return at::parallel_reduce(
+        0, rows, rows_on * W * C < kSerialWork ? rows : grain_rows(W * C), int64_t(0),
+        [&](int64_t begin, int64_t end, int64_t partial) {
+          for (int64_t r = begin; r < end; ++r) {
+            if (!row_on[r]) continue;
+            for (int64_t p = r * W; p < (r + 1) * W; ++p) {
+              if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+                md[p] = 0;
+                continue;
+              }
+              const float* x = ad + p * C;
+              const float* y = bd + p * C;
+              float* o = od + p * C;
+#pragma omp simd
+              for (int64_t ch = 0; ch < C; ++ch) o[ch] = x[ch] + y[ch];
+              if (activation != kNone) write_row(o, o, C, activation, lo, hi);
+              md[p] = 2;
+              ++partial;
+            }
+          }
+          return partial;
+        },
+        std::plus<int64_t>());
+  }
   if (every && compare) {
     return at::parallel_reduce(
         0, pixels, grain_rows(C), int64_t(0),
@@ -549,17 +584,12 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
         for (int64_t p = begin; p < end; ++p) {
-          if (!every && !((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
-            md[p] = 0;
-            continue;
-          }
           const float* x = ad + p * C;
           const float* y = bd + p * C;
           float* o = od + p * C;
 #pragma omp simd
           for (int64_t ch = 0; ch < C; ++ch) o[ch] = x[ch] + y[ch];
           if (activation != kNone) write_row(o, o, C, activation, lo, hi);  // in place, the row in L1
-          if (!every) md[p] = 2;
           ++partial;
         }
         return partial;
