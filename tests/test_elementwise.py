@@ -373,6 +373,10 @@ def test_a_concatenation_writes_and_marks_what_each_input_changed() -> None:
         number = concat.revision.number
         assert concat(layer_out, still, fresh.clone(memory_format=cl)) is out
         assert concat.revision.number == number and concat.pixels_written == 6
+        # the same total of channels split otherwise (the unchanged input moved): laid out again
+        other = torch.randn(1, 4, 5, 6).contiguous(memory_format=cl)
+        other.skipconv_revision = sparse.Revision()
+        assert torch.equal(concat(other, still, layer_out), torch.cat([other, still, layer_out], 1))
         # all made afresh: the plain concatenation, no state kept
         plain = concat(fresh, fresh)
         assert concat.out is None and sparse.revision_of(plain) is None

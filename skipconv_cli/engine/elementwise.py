@@ -196,6 +196,7 @@ class SparseSum(FollowsSparsity):
         if self.shared_by_shapes(a.shape):
             return self._plain(a, b)
         changes = self.changes(a, b)
+        add = native.extension().add_marked
         if changes is None:
             # Every pixel is recomputed; over an intact output only the changed ones are written and marked,
             # so that the ops and layers after this one keep following the sparsity (see ``add_marked``).
@@ -204,11 +205,9 @@ class SparseSum(FollowsSparsity):
                 self.lay_out(torch.empty_like(a, memory_format=torch.channels_last))
                 if self.activation is not None:
                     self.out.skipconv_activation = self.activation
-            add = native.extension().add_marked
             written = add(a, b, self.out, None, None, *activation, self.marks, compare)
             self.wrote(written if compare else None)
         elif changes[0] is not None or changes[1] is not None:
-            add = native.extension().add_marked
             self.wrote(add(a, b, self.out, *changes, *activation, self.marks, False))
         return self.hand_out(a, b)
 
@@ -258,6 +257,10 @@ class SparseConcat(FollowsSparsity):
     any input was written, so the layer reading the concatenation scans incrementally (openpose-mbv2's
     stages read ``cat(paf, heat, features)``, yolox's CSP blocks and neck concatenate too)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.split: tuple[int, ...] | None = None  # the inputs' channels when the output was laid out
+
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         # all made afresh (layers' plain frames: a moving camera): nothing worth keeping, checked first
         # (the plain concatenation should cost what ``torch.cat`` costs)
@@ -271,7 +274,8 @@ class SparseConcat(FollowsSparsity):
         if self.shared_by_shapes(shape):
             return torch.cat(tensors, 1)
         concat = native.extension().concat_marked
-        if self.intact() and len(tensors) == len(self.inputs):
+        split = tuple(t.shape[1] for t in tensors)
+        if self.intact() and split == self.split:
             known = [self.change_of(t, *last) for t, last in zip(tensors, self.inputs, strict=True)]
             changes = [_COMPARED if k is _UNKNOWN else _UNCHANGED if k is None else _MARKED for k in known]
             marks = [k if c == _MARKED else None for k, c in zip(known, changes, strict=True)]
@@ -281,6 +285,7 @@ class SparseConcat(FollowsSparsity):
             if self.out is None:
                 self.lay_out(first.new_empty(shape).contiguous(memory_format=torch.channels_last))
             concat(list(tensors), [None] * len(tensors), [_WHOLE] * len(tensors), self.out, self.marks)
+            self.split = split
             self.wrote(None)
         return self.hand_out(*tensors)
 
