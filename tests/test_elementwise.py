@@ -91,6 +91,29 @@ def run(model: nn.Module, stream: torch.Tensor) -> tuple[list[torch.Tensor], lis
     return outputs, gates
 
 
+def assert_followed_bit_for_bit(
+    net: nn.Module, model: nn.Module, without: nn.Module, stream: torch.Tensor, threshold: float, ops: list
+) -> list[torch.Tensor]:
+    """``model`` (ops following the sparsity) gives ``without``'s outputs and gates bit for bit, and
+    ``net``'s within float noise at threshold 0; after the first frame ``ops`` wrote only part of their
+    maps (counted in input pixels: an upsampling copies each to factor pixels). Returns the outputs."""
+    (got, got_gates), (expected, expected_gates) = run(model, stream), run(without, stream)
+    for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(a, b), f"frame {frame}"
+    for frame, (ga, gb) in enumerate(zip(got_gates, expected_gates, strict=True)):
+        for x, y in zip(ga, gb, strict=True):
+            assert (x is None and y is None) or torch.equal(x, y), f"gates differ on frame {frame}"
+    if threshold == 0.0:
+        with torch.no_grad():
+            dense = [net(frame) for frame in stream]
+        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
+    for op in ops:
+        factor = math.prod(getattr(op, "factor", (1, 1)))
+        whole = op.out[0, 0].numel() // factor * (len(stream) - 1)
+        assert 0 < op.pixels_written < whole, type(op).__name__
+    return got
+
+
 @pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
 @pytest.mark.parametrize("threshold", [0.0, 0.2])
 def test_sparse_sums_equal_plain_sums_bit_for_bit(
@@ -103,22 +126,10 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
     # every sum of two tensors not written into in place; the ReLU module after the first fused
     assert [s.activation is not None for s in sums] == [True, False, False, False, False]
     assert isinstance(with_sums.up, SparseUpsample)
-    (got, got_gates), (expected, expected_gates) = run(with_sums, stream), run(without, stream)
-    for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert torch.equal(a, b), f"frame {frame}"
-    for frame, (ga, gb) in enumerate(zip(got_gates, expected_gates, strict=True)):
-        for x, y in zip(ga, gb, strict=True):
-            assert (x is None and y is None) or torch.equal(x, y), f"gates differ on frame {frame}"
-    if threshold == 0.0:
-        with torch.no_grad():
-            dense = [net(frame) for frame in stream]
-        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
+    # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
+    got = assert_followed_bit_for_bit(net, with_sums, without, stream, threshold, [*sums[:2], with_sums.up])
     # sums of a broadcast or of two plain tensors keep no state
     assert [s.out is not None for s in sums] == [True, True, True, False, False]
-    # the sums recomputed only what changed: fewer pixels than whole maps on every frame after the first
-    for op, input_pixels in ((sums[0], 1), (sums[1], 1), (with_sums.up, 4)):  # (upsampled 2x2 from one)
-        whole = op.out[0, 0].numel() // input_pixels * (len(stream) - 1)
-        assert 0 < op.pixels_written < whole, type(op).__name__
     # their outputs and mark maps count as stream state
     layers_only = sum(layer.state_bytes() for _, layer in sc.engine.skip_layers(with_sums))
     followers = sum(op.state_bytes() for op in (*sums, with_sums.up))
@@ -325,19 +336,8 @@ def test_concatenations_follow_the_sparsity_bit_for_bit(
     model, without = followed_and_plain(net, monkeypatch, threshold=threshold, block=2)
     concats = [m for m in model.modules() if isinstance(m, SparseConcat)]
     assert len(concats) == 2
-    (got, got_gates), (expected, expected_gates) = run(model, stream), run(without, stream)
-    for frame, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert torch.equal(a, b), f"frame {frame}"
-    for ga, gb in zip(got_gates, expected_gates, strict=True):
-        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
-    if threshold == 0.0:
-        with torch.no_grad():
-            dense = [net(frame) for frame in stream]
-        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
-    # after the first frame only the changed pixels were written (the fresh map compared pixel by pixel)
-    for op in concats:
-        whole = op.out[0, 0].numel() * (len(stream) - 1)
-        assert 0 < op.pixels_written < whole
+    # (the fresh map: compared pixel by pixel, written only where it changed)
+    assert_followed_bit_for_bit(net, model, without, stream, threshold, concats)
 
 
 @pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")
@@ -419,16 +419,8 @@ def test_zero_paddings_follow_the_sparsity_bit_for_bit(
     net = Pads().eval()
     model, without = followed_and_plain(net, monkeypatch, threshold=threshold, block=2)
     assert isinstance(model.pad, SparsePad) and isinstance(model.same, SparsePad)
-    (got, _), (expected, _) = run(model, stream), run(without, stream)
+    assert_followed_bit_for_bit(net, model, without, stream, threshold, [model.pad, model.same])
     assert model.ones.out is None, "padding with ones: not a zero padding, no state"
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    if threshold == 0.0:
-        with torch.no_grad():
-            dense = [net(frame) for frame in stream]
-        assert max((a - b).abs().max().item() for a, b in zip(got, dense, strict=True)) < 1e-4
-    for op in (model.pad, model.same):
-        whole = op.out[0, 0].numel() * (len(stream) - 1)
-        assert 0 < op.pixels_written < whole
 
 
 @pytest.mark.skipif(native.extension() is None, reason="needs the C++ step (built in CI)")

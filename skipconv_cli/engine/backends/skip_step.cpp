@@ -91,6 +91,13 @@ inline void write_row(float* dst, const float* src, int64_t count, int64_t act, 
   }
 }
 
+// dst = activation(x + y) over count floats
+inline void add_row(float* dst, const float* x, const float* y, int64_t count, int64_t act, float lo, float hi) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) dst[i] = x[i] + y[i];
+  if (act != kNone) write_row(dst, dst, count, act, lo, hi);  // in place, the row in L1
+}
+
 // write_row of src + bias (bias: optional, count floats)
 inline void write_row(float* dst, const float* src, const float* bias, int64_t count, int64_t act, float lo,
                       float hi) {
@@ -544,12 +551,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                 md[p] = 0;
                 continue;
               }
-              const float* x = ad + p * C;
-              const float* y = bd + p * C;
-              float* o = od + p * C;
-#pragma omp simd
-              for (int64_t ch = 0; ch < C; ++ch) o[ch] = x[ch] + y[ch];
-              if (activation != kNone) write_row(o, o, C, activation, lo, hi);
+              add_row(od + p * C, ad + p * C, bd + p * C, C, activation, lo, hi);
               md[p] = 2;
               ++partial;
             }
@@ -565,12 +567,8 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
           std::vector<float> row(C);
           float* r = row.data();
           for (int64_t p = begin; p < end; ++p) {
-            const float* x = ad + p * C;
-            const float* y = bd + p * C;
             float* o = od + p * C;
-#pragma omp simd
-            for (int64_t ch = 0; ch < C; ++ch) r[ch] = x[ch] + y[ch];
-            if (activation != kNone) write_row(r, r, C, activation, lo, hi);
+            add_row(r, ad + p * C, bd + p * C, C, activation, lo, hi);
             const bool changed = std::memcmp(r, o, C * sizeof(float)) != 0;
             if (changed) std::memcpy(o, r, C * sizeof(float));
             md[p] = changed ? 2 : 0;
@@ -584,12 +582,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
       0, pixels, grain_rows(C), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
         for (int64_t p = begin; p < end; ++p) {
-          const float* x = ad + p * C;
-          const float* y = bd + p * C;
-          float* o = od + p * C;
-#pragma omp simd
-          for (int64_t ch = 0; ch < C; ++ch) o[ch] = x[ch] + y[ch];
-          if (activation != kNone) write_row(o, o, C, activation, lo, hi);  // in place, the row in L1
+          add_row(od + p * C, ad + p * C, bd + p * C, C, activation, lo, hi);
           ++partial;
         }
         return partial;
