@@ -262,7 +262,7 @@ def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stre
 def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older_state() -> None:
     """A busy frame (dense recompute) is followed by plain frames (no gate, state left alone); the next
     skip frame gates against the older state, exactly. The back-off grows while the layer stays busy and
-    starts over after a frame with tiles."""
+    starts over after a judged frame with tiles (the probe, first after plain frames, is not judged)."""
     layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
     generator = torch.Generator().manual_seed(0)
     frames = [torch.rand(1, 8, 32, 32, generator=generator) for _ in range(12)]
@@ -286,7 +286,11 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         local = frames[1].clone()
         local[..., :4, :4] += 1.0  # back near the state's frame: a small change, tiles
         outputs.append(layer(local).clone())
-        assert counts() == (2, 2, 1) and state.backoff == 0
+        assert counts() == (2, 2, 1) and state.backoff == 2, "the probe: not judged"
+        calm = local.clone()
+        calm[..., -4:, -4:] += 1.0
+        outputs.append(layer(calm).clone())
+        assert counts() == (2, 2, 2) and state.backoff == 0
         layer(frames[5])  # busy: back-off starts over, then grows while busy
         assert state.backoff == sparse.BACKOFF_FIRST == 2
         for frame in frames[6:8]:  # plain, plain
@@ -294,7 +298,7 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         layer(frames[8])  # busy again
         grown = 2 * sparse.BACKOFF_GROWTH
         assert state.backoff == grown and state.plain_left == grown
-        inputs = [*frames[:4], local]
+        inputs = [*frames[:4], local, calm]
         for got, x in zip(outputs, inputs, strict=True):
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
 
@@ -316,6 +320,32 @@ def test_time_rule_backs_off_when_sparse_frames_are_slower_on_average() -> None:
         sparse.judge(layer, state, tiles, 1.5, 1)
         slow_frames += 1
     assert state.plain_left == sparse.BACKOFF_FIRST and state.sparse_seconds is None
+
+
+def test_the_first_frame_after_plain_frames_is_not_judged_by_time() -> None:
+    """A probe's scan is a full one (the state missed the input's writes during the plain frames): judged
+    by its time, a layer whose convolution costs about its scan never came back from back-off. A busy
+    probe backs off (with growth), a slow one does not; the next slow frame does, with growth."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    with torch.no_grad():
+        layer(torch.rand(1, 8, 32, 32))
+    state = layer._sparse_state
+    state.tuned, state.dense_seconds, state.tile_batches = True, 1.0, {1}
+    tiles, busy = sparse.native.PATH_TILES, sparse.native.PATH_DENSE
+    while state.plain_left == 0:  # frames 1.5x as slow as the plain convolution, until the layer backs off
+        sparse.judge(layer, state, tiles, 1.5, 1)
+    assert state.plain_left == state.backoff == sparse.BACKOFF_FIRST
+    x = torch.rand(1, 8, 32, 32)
+    for _ in range(sparse.BACKOFF_FIRST):
+        assert sparse.plain_frame_if_due(layer, state, x) is not None
+    assert state.probing and sparse.plain_frame_if_due(layer, state, x) is None
+    sparse.judge(layer, state, tiles, 5.0, 1)  # the probe: 5x as slow, not judged
+    assert state.plain_left == 0 and state.backoff == sparse.BACKOFF_FIRST and not state.probing
+    sparse.judge(layer, state, tiles, 5.0, 1)  # judged: back off, grown
+    assert state.plain_left == state.backoff == sparse.BACKOFF_GROWTH * sparse.BACKOFF_FIRST
+    state.plain_left, state.probing = 0, True
+    sparse.judge(layer, state, busy, 0.1, 1)  # a busy probe backs off
+    assert state.plain_left == state.backoff == sparse.BACKOFF_GROWTH**2 * sparse.BACKOFF_FIRST
 
 
 def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> None:

@@ -247,6 +247,7 @@ class SparseState:
     # memory, and yolox-nano's elementwise ops ran ~20% slower.)
     backoff: int = 0
     plain_left: int = 0
+    probing: bool = False  # the next skip frame is the first after plain frames (see ``judge``)
     dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
     sparse_seconds: float | None = None  # the recent sparse frames' time, on average (see ``judge``)
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
@@ -467,9 +468,19 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tile
     On the tile path, the first frame with a given number of tiles is not timed against the plain
     convolution: oneDNN builds a kernel for each new batch size first (~0.3 ms, more than a whole small
     layer), and judging that one-off cost sent every layer of yolox-nano into back-off on its first skip
-    frame."""
+    frame.
+
+    Nor is the first skip frame after plain frames (the probe): the state missed the input's writes during
+    the plain frames, so its scan is a full one, which for a layer whose convolution costs about its scan
+    is slower than the plain convolution every time. Judged, such a layer never came back from back-off,
+    and the layers after it, reading its fresh output, scanned whole and backed off in turn: openpose-mbv2-14
+    ran at 1.3x (2.5x fewer MACs) or at 2.0x (6x) from one run to the next, whichever way its layers went
+    first."""
     if layer.crossover is not None:  # a fixed crossover pins the path: no plain frames
         return
+    probe, state.probing = state.probing, False
+    if probe and path != native.PATH_DENSE:
+        return  # (the back-off stays as it is: the next frame is judged)
     too_slow = False
     if path == native.PATH_TILES and state.dense_seconds is not None:
         # (a matrix product builds no kernel per batch size)
@@ -550,6 +561,7 @@ def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -
         return plain_frame(layer, state, x)
     if state.plain_left > 0:
         state.plain_left -= 1
+        state.probing = state.plain_left == 0
         return plain_frame(layer, state, x, timed=x.is_cpu)  # (CUDA runs asynchronously)
     return None
 
