@@ -31,17 +31,11 @@ int64_t grain_rows(int64_t elements_per_row) {
 // work.
 constexpr int64_t kSerialWork = kGrainElements / 4;
 
-// f over rows [begin, end): on the threads only when the work (estimated) is worth waking them. An
-// incremental step's passes touch a few rows of the map: split by the map's size, they paid the fork for
-// next to nothing.
-template <typename F>
-void for_rows(int64_t begin, int64_t end, int64_t grain, int64_t work, const F& f) {
-  if (work < kSerialWork) {
-    if (begin < end) f(begin, end);
-  } else {
-    at::parallel_for(begin, end, grain, f);
-  }
-}
+// The grain of a pass over `rows` rows whose work (elements touched) is estimated: all of them (the pass
+// runs on the calling thread: at::parallel_for and parallel_reduce run a range no larger than the grain
+// inline) unless the work is worth waking the threads, else `grain`. An incremental step's passes touch a
+// few rows of the map: split by the map's size, they paid the fork for next to nothing.
+int64_t grain_for(int64_t rows, int64_t grain, int64_t work) { return work < kSerialWork ? rows : grain; }
 
 struct Geometry {
   int64_t n, c, h, w, hp, wp, co, ho, wo;
@@ -92,7 +86,8 @@ inline void write_row(float* dst, const float* src, int64_t count, int64_t act, 
 }
 
 // dst = activation(x + y) over count floats
-inline void add_row(float* dst, const float* x, const float* y, int64_t count, int64_t act, float lo, float hi) {
+inline void add_row(float* dst, const float* x, const float* y, int64_t count, int64_t act, float lo,
+                    float hi) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) dst[i] = x[i] + y[i];
   if (act != kNone) write_row(dst, dst, count, act, lo, hi);  // in place, the row in L1
@@ -194,7 +189,7 @@ std::vector<int64_t> skip_step(
       const float* rr = pad_pixel(n, y + g.ph, g.pw);
       float* out = rd + row * g.w;
       const uint8_t* mrow = incremental ? im + row * g.w : nullptr;
-      if (mrow && !std::memchr(mrow, 2, g.w)) continue;  // (a row with no write: most, when few pixels changed)
+      if (mrow && !std::memchr(mrow, 2, g.w)) continue;  // (a row with no write: most, when few changed)
       for (int64_t xx = 0; xx < g.w; ++xx) {
         if (mrow && mrow[xx] != 2) continue;
         float total = 0.f;
@@ -289,10 +284,12 @@ std::vector<int64_t> skip_step(
       at::parallel_for(0, g.n * g.h, grain_rows(g.w * C), residual_rows);
       at::parallel_for(0, g.n * hb, gate_grain, gate_rows);
     } else {
-      if (im) for_rows(0, g.n * g.h, grain_rows(g.w * C), marked * C, residual_rows);
+      const int64_t residual_grain = grain_for(g.n * g.h, grain_rows(g.w * C), marked * C);
+      if (im) at::parallel_for(0, g.n * g.h, residual_grain, residual_rows);
       int64_t evaluated = 0;  // blocks gated again: those reading a written pixel, those that fired last
       for (int64_t b = 0; b < g.n * hb * wb; ++b) evaluated += gd[b] || dirty[b];
-      for_rows(0, g.n * hb, gate_grain, evaluated * block * block * g.kh * g.kw, gate_rows);
+      const int64_t gate_work = evaluated * block * block * g.kh * g.kw;
+      at::parallel_for(0, g.n * hb, grain_for(g.n * hb, gate_grain, gate_work), gate_rows);
     }
     for (int64_t n = 0; n < g.n && !forced; ++n) collect_units(n, 0, ty_count);
   } else {
@@ -354,8 +351,10 @@ std::vector<int64_t> skip_step(
     std::vector<uint8_t> gated_rows(g.n * hb);
     for (int64_t b = 0; b < g.n * hb; ++b) gated_rows[b] = std::memchr(gd + b * wb, 1, wb) != nullptr;
     int64_t rows_on = 0;
-    for (int64_t row = 0; row < g.n * g.h; ++row) rows_on += gated_rows[row / g.h * hb + rown[row % g.h] / block];
-    for_rows(0, g.n * g.h, grain_rows(g.w * C), rows_on * g.w * C, [&](int64_t begin, int64_t end) {
+    for (int64_t row = 0; row < g.n * g.h; ++row)
+      rows_on += gated_rows[row / g.h * hb + rown[row % g.h] / block];
+    const int64_t owned_grain = grain_for(g.n * g.h, grain_rows(g.w * C), rows_on * g.w * C);
+    at::parallel_for(0, g.n * g.h, owned_grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.h, y = row % g.h;
         uint8_t* orow = od + row * g.w;
@@ -394,7 +393,7 @@ std::vector<int64_t> skip_step(
   }
   const int64_t footprint_work = footprint_count * g.wo * g.kh * g.kw;
   const int64_t computed = at::parallel_reduce(
-        0, g.n * g.ho, footprint_work < kSerialWork ? g.n * g.ho : grain_rows(g.wo * g.kh * g.kw), int64_t(0),
+        0, g.n * g.ho, grain_for(g.n * g.ho, grain_rows(g.wo * g.kh * g.kw), footprint_work), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
           for (int64_t row = begin; row < end; ++row) {
             const int64_t n = row / g.ho, oy = row % g.ho;
@@ -529,8 +528,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
   const uint8_t* mb = marks_b.has_value() ? marks_b->data_ptr<uint8_t>() : nullptr;
   uint8_t* md = marks.data_ptr<uint8_t>();
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
-  const bool every = !ma && !mb;
-  if (!every) {
+  if (ma || mb) {
     // rows no input wrote are cleared, not walked (most of them when few pixels changed), and a sum of a
     // few rows runs without a fork
     const int64_t rows = out.size(0) * out.size(2), W = out.size(3);
@@ -542,7 +540,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
       rows_on += row_on[r];
     }
     return at::parallel_reduce(
-        0, rows, rows_on * W * C < kSerialWork ? rows : grain_rows(W * C), int64_t(0),
+        0, rows, grain_for(rows, grain_rows(W * C), rows_on * W * C), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
           for (int64_t r = begin; r < end; ++r) {
             if (!row_on[r]) continue;
@@ -560,7 +558,7 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
         },
         std::plus<int64_t>());
   }
-  if (every && compare) {
+  if (compare) {  // (every pixel from here on: no map for either input)
     return at::parallel_reduce(
         0, pixels, grain_rows(C), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
