@@ -3,6 +3,7 @@ gate and block size, and reports the same MACs; the per-layer dense fallback and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -232,6 +233,55 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
         total["0"] += run_tiles
     assert kinds == {True, False}, "ungrouped and depthwise layers"
     assert 0 < total["1"] < total["0"]
+
+
+def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_stream: torch.Tensor) -> None:
+    """The pixel path's weight matrix and the gate's mean |W| are derived once per weight: a new stream
+    (reset) reuses them; a weight changed in place is laid out again, and gates and outputs follow it (the
+    reference backend, which derives nothing, beside it)."""
+    fast = sc.convert(build("mobilenetv2"), backend="sparse", gate="output-norm", threshold=0.1, block=4)
+    reference = copy.deepcopy(fast)
+    sc.engine.set_backend(reference, "reference")
+    layers = [layer for _, layer in sc.engine.skip_layers(fast)]
+    for layer in layers:
+        layer.crossover = 1.0
+    with torch.no_grad():
+        for frame in video_stream[:3]:
+            fast(frame)
+        first = [layer._sparse_state.maps.pixel_weight for layer in layers]
+        assert all(matrix is not None for matrix in first)
+        sc.engine.reset(fast)
+        fast(video_stream[0])
+        assert all(layer._sparse_state.maps.pixel_weight is m for layer, m in zip(layers, first, strict=True))
+
+        for model in (fast, reference):
+            for _, layer in sc.engine.skip_layers(model):
+                layer.weight.mul_(1.5)
+            sc.engine.reset(model)
+        pairs = list(zip(sc.engine.skip_layers(reference), layers, strict=True))
+        for frame in video_stream[:6]:
+            expected, got = reference(frame), fast(frame)
+            gated = [(a, b) for (_, a), b in pairs if b.last_gate is not None]
+            assert all(torch.equal(a.last_gate, b.last_gate) for a, b in gated)
+            assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert all(layer._sparse_state.maps.pixel_weight is not m for layer, m in zip(layers, first, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 52, 52), (3, 5, 7, 9), (2, 7)])
+def test_mean_abs_is_the_mean_absolute_value_per_sample(shape: tuple[int, ...]) -> None:
+    """The output scale of a stream's first frame, read in C++: torch's abs().mean() to float precision,
+    for either memory layout."""
+    from skipconv_cli.engine.backends import native
+
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(shape, generator=generator) * 3 - 1]
+    if len(shape) == 4:
+        maps.append(maps[0].contiguous(memory_format=torch.channels_last))
+    for values in maps:
+        dims = tuple(range(1, len(shape)))
+        got, expected = native.mean_abs(values), values.double().abs().mean(dims, keepdim=True).float()
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=0.0)
 
 
 def sparse_macs_run(layer: sc.SkipConv2d) -> int:

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from skipconv_cli.engine.backends import BACKENDS, sparse
+from skipconv_cli.engine.backends import BACKENDS, native, sparse
 from skipconv_cli.engine.gates import (
     GumbelGate,
     blockify,
@@ -335,7 +335,7 @@ class SkipConv2d(nn.Conv2d):
             if not gated:
                 pass
             elif self.gate_type in ("output-norm", "gumbel"):  # each gate needs only its own scale
-                self._out_scale = z.detach().abs().mean((1, 2, 3), keepdim=True).clamp_min(_EPS)
+                self._out_scale = native.mean_abs(z).clamp_min(_EPS)
             elif self.gate_type == "input-norm":
                 input_support = support_sum(channel_abs_sum(x.detach()), self)
                 self._in_scale = input_support.mean((1, 2, 3), keepdim=True).clamp_min(_EPS)

@@ -72,6 +72,18 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+def mean_abs(map: torch.Tensor) -> torch.Tensor:
+    """The mean |value| of each sample, shaped [N, 1, ...] to broadcast against the map (a layer's output
+    scale): one read in C++ for a dense CPU float32 map, else ``abs().mean()``."""
+    dims = tuple(range(1, map.dim()))
+    dense = map.is_contiguous() or (map.dim() == 4 and map.is_contiguous(memory_format=torch.channels_last))
+    if map.device.type == "cpu" and map.dtype == torch.float32 and dense and map.numel() > 0:
+        kernel = extension()
+        if kernel is not None:
+            return kernel.mean_abs(map.detach()).view(-1, *(1 for _ in dims))
+    return map.detach().abs().mean(dims, keepdim=True)
+
+
 def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether the kernel covers this layer and input (else the PyTorch tile path runs)."""
     return (
