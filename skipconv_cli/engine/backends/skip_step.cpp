@@ -37,6 +37,22 @@ constexpr int64_t kSerialWork = kGrainElements / 4;
 // few rows of the map: split by the map's size, they paid the fork for next to nothing.
 int64_t grain_for(int64_t rows, int64_t grain, int64_t work) { return work < kSerialWork ? rows : grain; }
 
+// Buffers the pixel path reuses from call to call (per slot, grown as needed up to kScratchFloats): a fresh
+// gathered matrix of a few MB per layer and frame came back from the allocator as new pages, whose faults
+// cost about as much as the gather's copies (HRNet-w32's 256->32 layer: 3.4 MB a frame). Larger ones are
+// allocated for the call. Steps run one at a time (called from Python, which holds the GIL throughout).
+constexpr int64_t kScratchFloats = int64_t(4) << 20;
+
+at::Tensor scratch(int slot, int64_t floats) {
+  if (floats > kScratchFloats) return at::empty({floats}, at::kFloat);
+  static at::Tensor buffers[2];
+  at::Tensor& buffer = buffers[slot];
+  if (!buffer.defined() || buffer.numel() < floats)
+    buffer = at::empty({std::min(kScratchFloats, std::max(floats, 2 * (buffer.defined() ? buffer.numel() : 0)))},
+                       at::kFloat);
+  return buffer.narrow(0, 0, floats);
+}
+
 struct Geometry {
   int64_t n, c, h, w, hp, wp, co, ho, wo;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
@@ -458,21 +474,24 @@ std::vector<int64_t> skip_step(
       });
       return m;
     }
-    at::Tensor columns = at::empty({m, row_len}, x.options());
+    at::Tensor columns = scratch(0, m * row_len).view({m, row_len});
     float* cd = columns.data_ptr<float>();
+    // a kernel row's taps are adjacent pixels, C contiguous floats each, when the kernel is not dilated
+    const int64_t run = g.dw == 1 ? g.kw * C : C, runs_per_row = g.dw == 1 ? 1 : g.kw;
     at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t p = pixels[i];
         const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
         float* dst = cd + i * row_len;
         for (int64_t ky = 0; ky < g.kh; ++ky)
-          for (int64_t kx = 0; kx < g.kw; ++kx, dst += C)
-            std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), C * sizeof(float));
+          for (int64_t kx = 0; kx < runs_per_row; ++kx, dst += run)
+            std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), run * sizeof(float));
       }
     });
     // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
     // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
-    at::Tensor out = at::mm(columns, matrix);
+    at::Tensor out = scratch(1, m * Co).view({m, Co});
+    at::mm_out(out, columns, matrix);
     const float* outd = out.data_ptr<float>();
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {
