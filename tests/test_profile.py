@@ -45,3 +45,40 @@ def test_profile_at_threshold_zero_matches_dense(env: dict, tmp_path: Path) -> N
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["output_difference"]["relative_to_output_scale"] < 1e-4
+
+
+def test_end_to_end_times_are_taken_without_layer_timers(weights_dir, videos_dir) -> None:
+    """The timed pass runs without per-layer hooks (they cost each module call microseconds); the layer
+    times come from a pass of their own, which leaves the first pass's statistics and no hook behind."""
+    import torch
+
+    from skipconv_cli.engine.skip_conv import SkipConv2d
+    from skipconv_cli.models.factory import create_model, resolve_spec
+    from skipconv_cli.pipeline import profile
+    from skipconv_cli.pipeline.runner import SkipSettings
+    from tests.conftest import read_frames
+
+    spec = resolve_spec("light-person", None)
+    loaded = create_model(spec, weights_dir / spec.weights)
+    frames = read_frames(videos_dir / "one-by-one-person-detection.mp4", 5, start=100)
+    settings = SkipSettings(gate="output-norm", threshold=0.1, block=4, backend="sparse")
+    hooked_calls = []
+    real = profile._interleaved
+
+    def spy(dense, skip, inputs, device, on_frame=None):
+        hooked_calls.append(sum(bool(m._forward_hooks) for m in skip.modules() if isinstance(m, SkipConv2d)))
+        return real(dense, skip, inputs, device, on_frame)
+
+    profile._interleaved = spy
+    try:
+        torch.set_num_threads(1)
+        quick = profile.profile_model(loaded, settings, frames, (192, 192), warmup=1, layer_times=False)
+        full = profile.profile_model(loaded, settings, frames, (192, 192), warmup=1)
+    finally:
+        profile._interleaved = real
+    assert hooked_calls[0] == 0 and hooked_calls[1] == 0 and hooked_calls[2] > 0, hooked_calls
+    assert all(layer["dense_ms"] == 0 and layer["skip_ms"] == 0 for layer in quick["layers"])
+    assert all(layer["dense_ms"] > 0 and layer["skip_ms"] > 0 for layer in full["layers"])
+    for layer in full["layers"]:  # the timed pass's frames, not both passes'
+        counts = [layer["backend"][f"{k}_frames"] for k in ("sparse", "idle", "plain", "dense")]
+        assert sum(counts) == len(frames), layer["name"]

@@ -71,7 +71,7 @@ def profile(
         TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=True,
     ) as progress:  # fmt: skip
-        bar = progress.add_task("profile", total=len(frames))
+        bar = progress.add_task("profile", total=2 * len(frames))  # timed pass, per-layer pass
         result = profile_model(
             loaded, settings, frames, input_size, warmup=warmup, device=torch_device(device),
             on_frame=lambda i: progress.update(bar, completed=i + 1),

@@ -166,12 +166,15 @@ def profile_model(
     warmup: int = 3,
     device: torch.device | None = None,
     on_frame: Callable[[int], None] | None = None,
+    layer_times: bool = True,
 ) -> dict:
     """Times the dense model and its Skip-Conv version on the same frames, interleaved.
 
     The first ``warmup`` frames run through both models untimed (allocator, oneDNN primitive caches,
     the sparse backend's tuning); then the stream restarts from the first frame, densely computed as in
-    any stream, and every frame is timed.
+    any stream, and every frame is timed. Per-layer times (``layer_times``) come from a second pass over
+    the same frames, the stream restarted again, with a timer on every conv: its hooks cost each call a
+    few microseconds (HRNet-w32's skip frames ~3 ms, 5%), which the end-to-end times leave out.
     """
     device = device or torch.device("cpu")
     # the baseline folds BatchNorm and fuses activations in place as skip does: only skipping is credited
@@ -185,45 +188,25 @@ def profile_model(
     dense, dense_layout = fastest_dense_layout(dense, inputs[:warmup], device)
     if dense_layout == "channels_last":
         inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
-    reset(skip)
-    reset_stats(skip)
-    dense_timer, dense_handles = LayerTimer.attach(dense, (nn.Conv2d,))
-    skip_timer, skip_handles = LayerTimer.attach(skip, (SkipConv2d,))
-    dense_ms, skip_ms, worst_diff, scale = [], [], 0.0, 0.0
-    try:
-        with torch.no_grad():
-            for index, x in enumerate(inputs):
-                _sync(device)
-                t0 = time.perf_counter()
-                reference = dense(x)
-                _sync(device)
-                t1 = time.perf_counter()
-                out = skip(x)
-                _sync(device)
-                t2 = time.perf_counter()
-                dense_ms.append(1000 * (t1 - t0))
-                skip_ms.append(1000 * (t2 - t1))
-                diff, frame_scale = _max_abs(reference, out)
-                worst_diff, scale = max(worst_diff, diff), max(scale, frame_scale)
-                if on_frame is not None:
-                    on_frame(index)
-    finally:
-        for handle in dense_handles + skip_handles:
-            handle.remove()
+    dense_ms, skip_ms, worst_diff, scale = _interleaved(dense, skip, inputs, device, on_frame)
     stats = report(skip)
-    n = len(inputs)
     modules = dict(skip_layers(skip))
+    backends = {name: layer.backend_stats() for name, layer in modules.items()}
+    n = len(inputs)
+    dense_seconds, skip_seconds = {}, {}
+    if layer_times:  # (the progress goes on counting: frame n + i of 2n)
+        after = (lambda index: on_frame(n + index)) if on_frame is not None else None
+        dense_seconds, skip_seconds = _layer_seconds(dense, skip, inputs, device, after)
     layers = []
     for entry in stats["layers"]:
         name = entry["name"]
-        backend = modules[name].backend_stats()
         layers.append(
             {
                 **entry,
-                "dense_ms": 1000 * dense_timer.seconds.get(name, 0.0) / n,
-                "skip_ms": 1000 * skip_timer.seconds.get(name, 0.0) / n,
-                "ran_as": ran_as(backend) if settings.backend == "sparse" else "reference",
-                "backend": backend,
+                "dense_ms": 1000 * dense_seconds.get(name, 0.0) / n,
+                "skip_ms": 1000 * skip_seconds.get(name, 0.0) / n,
+                "ran_as": ran_as(backends[name]) if settings.backend == "sparse" else "reference",
+                "backend": backends[name],
             }
         )
     dense_total, skip_total = statistics.fmean(dense_ms), statistics.fmean(skip_ms)
@@ -268,3 +251,53 @@ def profile_model(
         },
         "layers": layers,
     }
+
+
+def _interleaved(
+    dense: nn.Module,
+    skip: nn.Module,
+    inputs: list[torch.Tensor],
+    device: torch.device,
+    on_frame: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[float], float, float]:
+    """One stream through both models, frame by frame, the skip model's stream and statistics restarted:
+    (dense ms, skip ms per frame, worst output difference, output scale)."""
+    reset(skip)
+    reset_stats(skip)
+    dense_ms, skip_ms, worst_diff, scale = [], [], 0.0, 0.0
+    with torch.no_grad():
+        for index, x in enumerate(inputs):
+            _sync(device)
+            t0 = time.perf_counter()
+            reference = dense(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            out = skip(x)
+            _sync(device)
+            t2 = time.perf_counter()
+            dense_ms.append(1000 * (t1 - t0))
+            skip_ms.append(1000 * (t2 - t1))
+            diff, frame_scale = _max_abs(reference, out)
+            worst_diff, scale = max(worst_diff, diff), max(scale, frame_scale)
+            if on_frame is not None:
+                on_frame(index)
+    return dense_ms, skip_ms, worst_diff, scale
+
+
+def _layer_seconds(
+    dense: nn.Module,
+    skip: nn.Module,
+    inputs: list[torch.Tensor],
+    device: torch.device,
+    on_frame: Callable[[int], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds spent in each conv of either model over the stream, in a pass of its own (see
+    ``profile_model``)."""
+    dense_timer, dense_handles = LayerTimer.attach(dense, (nn.Conv2d,))
+    skip_timer, skip_handles = LayerTimer.attach(skip, (SkipConv2d,))
+    try:
+        _interleaved(dense, skip, inputs, device, on_frame)
+    finally:
+        for handle in dense_handles + skip_handles:
+            handle.remove()
+    return dense_timer.seconds, skip_timer.seconds
