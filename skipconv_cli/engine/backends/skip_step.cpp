@@ -45,7 +45,7 @@ constexpr int64_t kScratchFloats = int64_t(4) << 20;
 
 at::Tensor scratch(int slot, int64_t floats) {
   if (floats > kScratchFloats) return at::empty({floats}, at::kFloat);
-  static at::Tensor buffers[2];
+  static at::Tensor* buffers = new at::Tensor[2];  // (never destroyed: no teardown order at exit)
   at::Tensor& buffer = buffers[slot];
   if (!buffer.defined() || buffer.numel() < floats)
     buffer = at::empty({std::min(kScratchFloats, std::max(floats, 2 * (buffer.defined() ? buffer.numel() : 0)))},
