@@ -450,3 +450,32 @@ def test_a_padding_copies_and_marks_only_what_its_input_changed() -> None:
         assert torch.nonzero(pad.marks[0] == 2).tolist() == [[1, 2]] and pad.pixels_written == 2
         plain = pad(torch.randn(1, 3, 4, 5).contiguous(memory_format=cl))  # no revision: the plain module
         assert pad.out is None and sparse.revision_of(plain) is None
+
+
+def test_folded_batchnorms_leave_a_rewritten_forward() -> None:
+    """A forward rewritten for its sums no longer calls the ``nn.Identity`` a folded BatchNorm left (a module
+    call per BatchNorm and frame); the outputs are the model's."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual()).eval()
+    with torch.no_grad():
+        net[1].bn.running_mean.uniform_(-1, 1)
+        net[1].bn.running_var.uniform_(0.5, 2)
+    fast = sc.convert(net, backend="sparse", threshold=0.0, block=4)
+    assert type(fast[1].bn) is nn.Identity and any(isinstance(m, SparseSum) for m in fast.modules())
+    calls = []
+    fast[1].bn.register_forward_hook(lambda *args: calls.append(1))
+    frames = [torch.rand(1, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        for x in frames:
+            assert (fast(x) - net(x)).abs().max().item() < 1e-4
+    assert not calls
