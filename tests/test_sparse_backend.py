@@ -251,6 +251,8 @@ def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_strea
         first = [layer._sparse_state.maps.pixel_weight for layer in layers]
         assert all(matrix is not None for matrix in first)
         sc.engine.reset(fast)
+        held = [layer.weight_layout_bytes() for layer in layers]
+        assert held == [m.untyped_storage().nbytes() for m in first], "held across the reset, and reported"
         fast(video_stream[0])
         assert all(layer._sparse_state.maps.pixel_weight is m for layer, m in zip(layers, first, strict=True))
 
@@ -265,6 +267,17 @@ def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_strea
             assert all(torch.equal(a.last_gate, b.last_gate) for a, b in gated)
             assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
     assert all(layer._sparse_state.maps.pixel_weight is not m for layer, m in zip(layers, first, strict=True))
+
+
+def test_a_layer_tuned_to_plain_convolutions_releases_its_weight_copy(monkeypatch) -> None:
+    """The pixel path's copy of the weight is kept across streams, but not by a layer that will not skip."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    with torch.no_grad():
+        layer(torch.rand(1, 8, 32, 32))
+        assert layer.weight_layout_bytes() == 8 * 8 * 9 * 4
+        monkeypatch.setattr(sparse, "crossover_for", lambda layer, state: 0.0)  # tuned: never pays
+        layer(torch.rand(1, 8, 32, 32))
+    assert layer._sparse_state.plain_forever and layer.weight_layout_bytes() == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 52, 52), (3, 5, 7, 9), (2, 7)])
@@ -303,6 +316,7 @@ def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stre
         assert stats["plain_frames"] == STREAM_FRAMES - 1 and stats["sparse_frames"] == 0
         assert layer.layer_stats()["active_fraction"] == 1.0, "a plain layer computes every output"
         assert layer.state_bytes() == 0, "a plain layer keeps no stream state"
+        assert layer.weight_layout_bytes() == 0, "nor a copy of its weight"
     for layer in layers:
         stats = layer.backend_stats()
         frames = sum(stats[k] for k in ("sparse_frames", "dense_frames", "idle_frames", "plain_frames"))

@@ -466,11 +466,9 @@ class SkipConv2d(nn.Conv2d):
         return sum(storages.values())
 
     def weight_layout_bytes(self) -> int:
-        """Bytes of the weight's copy in the layout the C++ step's pixel path reads (one for all streams)."""
-        state = self._sparse_state
-        maps = state.maps if state is not None else None
-        matrix = maps.pixel_weight if maps is not None else None
-        return matrix.untyped_storage().nbytes() if matrix is not None else 0
+        """Bytes of the weight's copy in the layout the C++ step's pixel path reads (one for all streams,
+        kept across resets)."""
+        return sparse.weight_layout_bytes(self)
 
     def layer_stats(self) -> dict:
         """MACs and active fraction since the last ``reset_stats()`` (summed over streams and frames)."""

@@ -439,6 +439,7 @@ def tune(layer: SkipConv2d, state: SparseState) -> None:
         return  # a fixed crossover pins the path: no plain frames, nothing timed
     if state.crossover < PLAIN_BELOW:
         state.go_plain()
+        layer.__dict__.pop(WEIGHT_LAYOUTS, None)  # (nor the weight's copy, kept across streams otherwise)
     elif state.x_pad.device.type == "cpu":
         state.dense_seconds = plain_seconds(layer, state)
 
@@ -656,11 +657,14 @@ class WeightLayouts:
     mean_abs_weight: torch.Tensor  # ||W||_1 / its size, of the output-norm gate (``gate_limits``)
 
 
+WEIGHT_LAYOUTS = "_weight_layouts"  # the layer's attribute that holds them
+
+
 def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
     weight = layer.weight
     pixels = pixel_path(layer)
     key = (weight.data_ptr(), weight._version, weight.device, pixels)
-    known = layer.__dict__.get("_weight_layouts")
+    known = layer.__dict__.get(WEIGHT_LAYOUTS)
     if known is not None and known.key == key:
         return known
     with torch.no_grad():
@@ -671,8 +675,15 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
             matrix = w.permute(*order).reshape(-1, w.shape[0]).contiguous()
         mean_abs = weight.detach().abs().mean().clamp_min(1e-30)
     layouts = WeightLayouts(key, matrix, mean_abs)
-    layer.__dict__["_weight_layouts"] = layouts
+    layer.__dict__[WEIGHT_LAYOUTS] = layouts
     return layouts
+
+
+def weight_layout_bytes(layer: SkipConv2d) -> int:
+    """Bytes of the weight's copy the pixel path reads (held for all streams, across resets)."""
+    layouts = layer.__dict__.get(WEIGHT_LAYOUTS)
+    matrix = layouts.pixel_weight if layouts is not None else None
+    return matrix.untyped_storage().nbytes() if matrix is not None else 0
 
 
 def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
