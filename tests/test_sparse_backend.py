@@ -323,10 +323,11 @@ def test_auto_tuned_layers_stay_exact_and_count_plain_frames_as_dense(video_stre
         assert frames == STREAM_FRAMES
 
 
-def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older_state() -> None:
-    """A busy frame (dense recompute) is followed by plain frames (no gate, state left alone); the next
-    skip frame gates against the older state, exactly. The back-off grows while the layer stays busy and
-    starts over after a judged frame with tiles (the probe, first after plain frames, is not judged)."""
+def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_last() -> None:
+    """A busy frame (its output the plain convolution's) is followed by plain frames (no gate, state left
+    alone); the last of them becomes the state, which the next skip frame gates against, exactly. The
+    back-off grows while the layer stays busy and starts over after a judged frame with tiles (the probe,
+    first after the back-off, is not judged)."""
     layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
     generator = torch.Generator().manual_seed(0)
     frames = [torch.rand(1, 8, 32, 32, generator=generator) for _ in range(12)]
@@ -347,8 +348,9 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         assert state.plain_left == 2 and counts() == (2, 0, 0)
         outputs += [layer(frames[2]).clone(), layer(frames[3]).clone()]
         assert counts() == (2, 2, 0)
-        local = frames[1].clone()
-        local[..., :4, :4] += 1.0  # back near the state's frame: a small change, tiles
+        assert torch.equal(state.x_ref, frames[3]), "the back-off's last frame is the state"
+        local = frames[3].clone()
+        local[..., :4, :4] += 1.0  # a small change from the state's frame: tiles
         outputs.append(layer(local).clone())
         assert counts() == (2, 2, 1) and state.backoff == 2, "the probe: not judged"
         calm = local.clone()
@@ -365,6 +367,24 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_older
         inputs = [*frames[:4], local, calm]
         for got, x in zip(outputs, inputs, strict=True):
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_estimate_is_timed_on_the_plain_call_and_kept_near_it() -> None:
+    """The plain frames' time the judge compares with is timed on the call plain frames make, and slow
+    plain frames cannot raise it past twice that (else a layer could stay on slower sparse frames)."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    x = torch.rand(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        layer(x)
+        state = layer._sparse_state
+        plain_conv = sparse.plain_conv
+        patch.setattr(sparse, "plain_conv", lambda *args: calls.append(args) or plain_conv(*args))
+        sparse._PLAIN_SECONDS.clear()
+        assert sparse.plain_seconds(layer, x) > 0 and calls, "timed on plain_conv"
+        state.timed_seconds = state.dense_seconds = 1e-12  # every real plain frame is slower than this
+        sparse.plain_frame(layer, state, x, timed=True)
+    assert state.dense_seconds <= 2e-12
 
 
 def test_time_rule_backs_off_when_sparse_frames_are_slower_on_average() -> None:

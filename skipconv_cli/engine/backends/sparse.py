@@ -249,6 +249,7 @@ class SparseState:
     plain_left: int = 0
     probing: bool = False  # the next skip frame is the first after plain frames (see ``judge``)
     dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
+    timed_seconds: float | None = None  # what it took when timed at tuning (``plain_seconds``)
     sparse_seconds: float | None = None  # the recent sparse frames' time, on average (see ``judge``)
     plain_forever: bool = False  # tuned so: the gate costs what the convolution does; no state is kept
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
@@ -387,7 +388,7 @@ def repair_output(layer: SkipConv2d, state: SparseState) -> None:
 def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     state = layer._sparse_state
     if not state.tuned:  # after the first dense frame, so that tuning runs on real data
-        tune(layer, state)
+        tune(layer, state, x)
     plain = plain_frame_if_due(layer, state, x)
     if plain is not None:
         return plain
@@ -432,7 +433,7 @@ def writes_since_scan(
     return None
 
 
-def tune(layer: SkipConv2d, state: SparseState) -> None:
+def tune(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
     state.crossover = layer.crossover if layer.crossover is not None else crossover_for(layer, state)
     state.tuned = True
     if layer.crossover is not None:
@@ -441,18 +442,22 @@ def tune(layer: SkipConv2d, state: SparseState) -> None:
         state.go_plain()
         layer.__dict__.pop(WEIGHT_LAYOUTS, None)  # (nor the weight's copy, kept across streams otherwise)
     elif state.x_pad.device.type == "cpu":
-        state.dense_seconds = plain_seconds(layer, state)
+        state.dense_seconds = state.timed_seconds = plain_seconds(layer, x)
 
 
-def plain_seconds(layer: SkipConv2d, state: SparseState) -> float:
-    """What the plain convolution takes here: timed once per process and layer geometry. Timing it on the
-    first skip frame of every stream ran each convolution twice more there (HRNet-w32: that frame took
-    2.5x a dense frame); plain frames keep each stream's own estimate current from then on."""
-    key = memory_key(layer, state.x_ref)
+def plain_seconds(layer: SkipConv2d, x: torch.Tensor) -> float:
+    """What a plain frame takes here: timed once per process and layer geometry. Timing it on the first
+    skip frame of every stream ran each convolution twice more there (HRNet-w32: that frame took 2.5x a
+    dense frame); plain frames keep each stream's own estimate current from then on.
+
+    It times the call plain frames make (``plain_conv`` on the unpadded input), three times: timing the
+    convolution of the padded input once, oneDNN's one-off set-up for the plain frames' shape and a
+    single slow run went into the estimate; yolox-nano's layers started at up to 5x their plain time
+    (948 vs 186 us), judged their slower sparse frames as paying, and never ran the plain frames that
+    would have corrected it."""
+    key = memory_key(layer, x)
     if key not in _PLAIN_SECONDS:
-        _PLAIN_SECONDS[key] = _median_time(
-            lambda: _conv(layer, state.x_pad), state.x_pad.device, repeats=1, layer=layer, warm=state.x_pad
-        )
+        _PLAIN_SECONDS[key] = _median_time(lambda: plain_conv(layer, x), x.device, layer=layer, warm=x)
     return _PLAIN_SECONDS[key]
 
 
@@ -471,8 +476,9 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tile
     layer), and judging that one-off cost sent every layer of yolox-nano into back-off on its first skip
     frame.
 
-    Nor is the first skip frame after plain frames (the probe): the state missed the input's writes during
-    the plain frames, so its scan is a full one, which for a layer whose convolution costs about its scan
+    Nor is the first skip frame after a back-off (the probe): the state was taken anew on the frame before
+    (``resync_frame``) with no record of where the input changed since, so its scan is a full one, which
+    for a layer whose convolution costs about its scan
     is slower than the plain convolution every time. Judged, such a layer never came back from back-off,
     and the layers after it, reading its fresh output, scanned whole and backed off in turn: openpose-mbv2-14
     ran at 1.3x (2.5x fewer MACs) or at 2.0x (6x) from one run to the next, whichever way its layers went
@@ -523,7 +529,6 @@ def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> 
     # a busy frame takes every input (and so computes every output), as the C++ step counts it
     layer._skip_bookkeeping(x, torch.ones_like(owned) if busy else owned, tuple(state.z.shape[-2:]))
     if busy:
-        take_frame(layer, state, x)
         path = native.PATH_DENSE
     elif count:
         update_reference(layer, state, x, owned)
@@ -538,7 +543,8 @@ def torch_skip_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> 
     else:
         path = native.PATH_IDLE
     count_frame(layer, state, path, count, count * plan.outputs_per_tile)
-    return hand_out(layer, state), path, count
+    out = busy_frame(layer, state, x) if path == native.PATH_DENSE else hand_out(layer, state)
+    return out, path, count
 
 
 def count_frame(layer: SkipConv2d, state: SparseState, path: int, tiles: int, outputs_run: int = 0) -> None:
@@ -562,9 +568,29 @@ def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -
         return plain_frame(layer, state, x)
     if state.plain_left > 0:
         state.plain_left -= 1
-        state.probing = state.plain_left == 0
+        if state.plain_left == 0:
+            return resync_frame(layer, state, x)
         return plain_frame(layer, state, x, timed=x.is_cpu)  # (CUDA runs asynchronously)
     return None
+
+
+def resync_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+    """The last frame of a back-off: a plain frame whose input and output become the state, as on a busy
+    frame (``take_frame``); the next frame, the first skip frame again (the probe, see ``judge``), then
+    gates one frame's change.
+
+    Left alone during the back-off, the state was as old as the back-off was long, and the probe gated
+    all the change since then: on a static camera with a person walking, more than the crossover after a
+    few frames, so the probe was busy, the back-off grew, and the next probe, older still, was busy again.
+    Over 120 frames of the person clip, HRNet-w32's 32x32 layers ran ~100 plain frames each at τ 0.947
+    (idle on 15-25 of the others)."""
+    take_frame(layer, state, x)
+    own = state.revision
+    own.marks, own.marked = None, -1
+    state.scanned, state.last_idle = None, False
+    state.probing = True
+    layer._plain_bookkeeping(x.shape[0], state.dense_source)
+    return hand_out(layer, state)
 
 
 def plain_conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -593,7 +619,12 @@ def plain_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, timed: b
         out = plain_conv(layer, x)
         seconds = time.perf_counter() - started
         previous = state.dense_seconds
-        state.dense_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        average = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        # Slow plain frames (the VM, a page fault) must not raise the estimate past twice what it was timed
+        # at: a layer whose estimate is too high judges its slower sparse frames as paying and never runs
+        # the plain frames that would correct it (yolox-nano on the moving camera: a 1x1 layer estimated
+        # at 883 us, 246 us real, ran 526 us sparse frames for the rest of the clip).
+        state.dense_seconds = min(average, 2 * state.timed_seconds) if state.timed_seconds else average
     layer._plain_bookkeeping(x.shape[0], state.dense_source)
     return out
 
@@ -729,9 +760,7 @@ def native_skip_frame(
         layer, state, x, incremental=since is not None, marks=marks
     )
     own = state.revision
-    if path == native.PATH_DENSE:
-        take_frame(layer, state, x)
-    elif path == native.PATH_TILES:
+    if path == native.PATH_TILES:
         own.number += 1
     # the mark map now describes this step: the write of a tiles step, for the next layer's scan
     own.marks, own.marked = (state.maps.mark, own.number) if path == native.PATH_TILES else (None, -1)
@@ -742,12 +771,25 @@ def native_skip_frame(
     state.last_idle = path == native.PATH_IDLE
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles, outputs_run)
-    return hand_out(layer, state), path, tiles
+    out = busy_frame(layer, state, x) if path == native.PATH_DENSE else hand_out(layer, state)
+    return out, path, tiles
+
+
+def busy_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+    """The output of a busy frame (more active units than the crossover): the plain convolution's.
+
+    With an auto-tuned crossover a back-off follows (see ``judge``), whose last frame takes the state
+    anew (``resync_frame``): the state is left as it is (valid, only older) and nothing is copied into it.
+    A pinned crossover has no back-off: the layer takes the frame (``take_frame``)."""
+    if layer.crossover is None:
+        return plain_conv(layer, x)
+    take_frame(layer, state, x)
+    return hand_out(layer, state)
 
 
 def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
-    """A busy frame (more active tiles than the crossover): the layer takes the whole frame as its new
-    reference and computes its output densely, as on a dense frame; the state stays exact.
+    """The layer takes the whole frame as its new reference and computes its output densely, as on a dense
+    frame; the state stays exact (a busy frame with a pinned crossover, the last frame of a back-off).
 
     Cheaper than a masked full recompute (updating only the gated inputs, then writing only the outputs
     they change), which cost 2-4x the plain convolution on yolox-nano's layers: here it is one input copy
