@@ -369,6 +369,28 @@ def test_backoff_runs_plain_frames_after_a_busy_frame_and_resumes_from_the_last(
             torch.testing.assert_close(got, dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_backoff_ends_when_the_input_has_not_changed_since_the_last_plain_frame() -> None:
+    """A layer in back-off whose input is the same tensor as on its last plain frame, not written since (the
+    layer before was idle), takes the frame as its state there and then; a changed input does not."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
+    dense = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.rand(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+    revision = sparse.Revision()
+    x.skipconv_revision = revision  # as a state tensor of the layer before carries it
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        dense.bias.copy_(layer.bias)
+        layer(torch.rand(1, 8, 32, 32))
+        state = layer._sparse_state
+        state.tuned, state.crossover, state.backoff, state.plain_left = True, 0.5, 16, 16
+        layer(x)
+        revision.number += 1  # written: still in back-off
+        layer(x)
+        assert state.plain_left == 14
+        torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)  # unchanged: resynced
+        assert state.plain_left == 0 and torch.equal(state.x_ref, x)
+
+
 def test_plain_estimate_is_timed_on_the_plain_call_and_kept_near_it() -> None:
     """The plain frames' time the judge compares with is timed on the call plain frames make, and slow
     plain frames cannot raise it past twice that (else a layer could stay on slower sparse frames)."""

@@ -248,6 +248,7 @@ class SparseState:
     backoff: int = 0
     plain_left: int = 0
     probing: bool = False  # the next skip frame is the first after plain frames (see ``judge``)
+    plain_input: tuple | None = None  # (input by weak reference, its revision) at the last plain frame
     dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
     timed_seconds: float | None = None  # what it took when timed at tuning (``plain_seconds``)
     sparse_seconds: float | None = None  # the recent sparse frames' time, on average (see ``judge``)
@@ -567,11 +568,23 @@ def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -
     if state.plain_forever:
         return plain_frame(layer, state, x)
     if state.plain_left > 0:
-        state.plain_left -= 1
-        if state.plain_left == 0:
+        if state.plain_left == 1 or input_unchanged(state, x):
+            state.plain_left = 0
             return resync_frame(layer, state, x)
+        state.plain_left -= 1
         return plain_frame(layer, state, x, timed=x.is_cpu)  # (CUDA runs asynchronously)
     return None
+
+
+def input_unchanged(state: SparseState, x: torch.Tensor) -> bool:
+    """Whether ``x`` is the tensor the back-off's last plain frame read, not written since: the layer before
+    had nothing to do, the scene has calmed down, and the back-off ends early (the frame resyncs the
+    state). A back-off grown long while a person walked (32-64 frames) otherwise kept HRNet-w32's layers
+    on plain frames through the calm that followed, every layer before them idle."""
+    revision = revision_of(x)
+    last = state.plain_input
+    state.plain_input = (weakref.ref(x), revision.number) if revision is not None else None
+    return last is not None and revision is not None and x is last[0]() and revision.number == last[1]
 
 
 def resync_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
@@ -587,7 +600,7 @@ def resync_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torc
     take_frame(layer, state, x)
     own = state.revision
     own.marks, own.marked = None, -1
-    state.scanned, state.last_idle = None, False
+    state.scanned, state.last_idle, state.plain_input = None, False, None
     state.probing = True
     layer._plain_bookkeeping(x.shape[0], state.dense_source)
     return hand_out(layer, state)
