@@ -56,6 +56,11 @@ def rows(frames: int) -> list[Row]:
                 start=1150, target_reduction=target, paper_speedup=paper)
             for target, paper in ((2.51, 1.48), (4.33, 1.91), (7.92, 4.09))
         ],
+        # a longer stream of the same clip: the person walks after the first 30 frames, then stands again
+        Row("hrnet-w32 256, person, 130 frames", "hrnet-w32", "sample:person", (256, 256),
+            replace(sparse, threshold=0.947), start=1150, frames=130),
+        Row("openpose-mbv2-14, person, τ 0.3, 130 frames", "openpose-mbv2-14", "sample:person", (368, 432),
+            replace(sparse, threshold=0.3), start=1150, frames=130),
         Row("yolox-nano 416, bikes (moving camera)", "yolox-nano", "sample:bikes", (416, 416),
             replace(sparse, threshold=0.05)),
         # the fallback's back-off settles over a longer stream: most of the clip
