@@ -391,6 +391,32 @@ def test_backoff_ends_when_the_input_has_not_changed_since_the_last_plain_frame(
         assert state.plain_left == 0 and torch.equal(state.x_ref, x)
 
 
+def test_busy_frame_when_the_layer_before_went_plain_takes_the_frame_without_backoff() -> None:
+    """The layer before handed out its state, then a fresh map (it went plain): the burst of its pending
+    change makes this frame busy once. The layer takes the frame and goes on skipping; a busy frame on a
+    fresh map after fresh maps backs off as usual."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, backend="sparse")
+    dense = torch.nn.Conv2d(8, 8, 3, padding=1)
+    generator = torch.Generator().manual_seed(0)
+    frames = [torch.rand(1, 8, 32, 32, generator=generator) for _ in range(3)]
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        dense.bias.copy_(layer.bias)
+        layer(frames[0])
+        state = layer._sparse_state
+        state.tuned, state.crossover = True, 0.5
+        state.dense_seconds = math.inf  # the time rule off: only busy frames back off
+        handed = frames[0].clone().contiguous(memory_format=torch.channels_last)
+        handed[..., :4, :4] += 1.0
+        handed.skipconv_revision = sparse.Revision()  # the state tensor the layer before hands out
+        layer(handed)
+        assert state.plain_left == 0 and state.scanned is not None
+        torch.testing.assert_close(layer(frames[1]), dense(frames[1]), rtol=1e-5, atol=1e-5)
+        assert state.plain_left == 0 and torch.equal(state.x_ref, frames[1]), "taken, no back-off"
+        layer(frames[2])  # busy again, on a fresh map after a fresh map
+        assert state.plain_left == sparse.BACKOFF_FIRST
+
+
 def test_plain_estimate_is_timed_on_the_plain_call_and_kept_near_it() -> None:
     """The plain frames' time the judge compares with is timed on the call plain frames make, and slow
     plain frames cannot raise it past twice that (else a layer could stay on slower sparse frames)."""
