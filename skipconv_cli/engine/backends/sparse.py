@@ -480,11 +480,10 @@ def judge(layer: SkipConv2d, state: SparseState, path: int, seconds: float, tile
 
     Nor is the first skip frame after a back-off (the probe): the state was taken anew on the frame before
     (``resync_frame``) with no record of where the input changed since, so its scan is a full one, which
-    for a layer whose convolution costs about its scan
-    is slower than the plain convolution every time. Judged, such a layer never came back from back-off,
-    and the layers after it, reading its fresh output, scanned whole and backed off in turn: openpose-mbv2-14
-    ran at 1.3x (2.5x fewer MACs) or at 2.0x (6x) from one run to the next, whichever way its layers went
-    first.
+    for a layer whose convolution costs about its scan is slower than the plain convolution every time.
+    Judged, such a layer never came back from back-off, and the layers after it, reading its fresh output,
+    scanned whole and backed off in turn: openpose-mbv2-14 ran at 1.3x (2.5x fewer MACs) or at 2.0x (6x)
+    from one run to the next, whichever way its layers went first.
 
     Nor is a busy frame whose input switched from the state the layer before handed out to a fresh map:
     that layer went plain, and the burst of its pending change is taken once (``native_skip_frame``)
