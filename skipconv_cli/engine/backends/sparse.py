@@ -606,10 +606,7 @@ def resync_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torc
     Over 120 frames of the person clip, HRNet-w32's 32x32 layers ran ~100 plain frames each at τ 0.947
     (idle on 15-25 of the others)."""
     take_frame(layer, state, x)
-    own = state.revision
-    own.marks, own.marked = None, -1
-    state.scanned, state.last_idle, state.plain_input = None, False, None
-    state.probing = True
+    state.plain_input, state.probing = None, True
     layer._plain_bookkeeping(x.shape[0], state.dense_source)
     return hand_out(layer, state)
 
@@ -819,7 +816,8 @@ def busy_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.
 
 def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
     """The layer takes the whole frame as its new reference and computes its output densely, as on a dense
-    frame; the state stays exact (a busy frame with a pinned crossover, the last frame of a back-off).
+    frame; the state stays exact (a busy frame with a pinned crossover or one that took the burst of the
+    layer before going plain, the last frame of a back-off).
 
     Cheaper than a masked full recompute (updating only the gated inputs, then writing only the outputs
     they change), which cost 2-4x the plain convolution on yolox-nano's layers: here it is one input copy
@@ -829,7 +827,10 @@ def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
     state.x_ref.copy_(x)
     refresh_borders(layer, state)
     z = activate(layer, _conv(layer, state.x_pad)).contiguous(memory_format=torch.channels_last)
-    state.revision.number += 1
+    own = state.revision
+    own.number += 1
+    own.marks, own.marked = None, -1  # written whole
+    state.scanned, state.last_idle = None, False  # (no record of where the input changed)
     state.take_output(z)
 
 
