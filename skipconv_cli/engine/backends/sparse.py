@@ -794,21 +794,19 @@ def native_skip_frame(
     count_frame(layer, state, path, tiles, outputs_run)
     if path != native.PATH_DENSE:
         return hand_out(layer, state), path, tiles
-    if switched:
-        # that burst is the layer before's, once: take it, and go on skipping from the exact input
-        take_frame(layer, state, x)
-        state.switch_taken = True
-        return hand_out(layer, state), path, tiles
-    return busy_frame(layer, state, x), path, tiles
+    # a burst that is the layer before's is taken once, and skipping goes on from the exact input
+    state.switch_taken = switched
+    return busy_frame(layer, state, x, take=switched), path, tiles
 
 
-def busy_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+def busy_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor, take: bool = False) -> torch.Tensor:
     """The output of a busy frame (more active units than the crossover): the plain convolution's.
 
     With an auto-tuned crossover a back-off follows (see ``judge``), whose last frame takes the state
     anew (``resync_frame``): the state is left as it is (valid, only older) and nothing is copied into it.
-    A pinned crossover has no back-off: the layer takes the frame (``take_frame``)."""
-    if layer.crossover is None:
+    A pinned crossover has no back-off, and a burst the layer before passed on (``take``) none is wanted:
+    the layer takes the frame (``take_frame``)."""
+    if layer.crossover is None and not take:
         return plain_conv(layer, x)
     take_frame(layer, state, x)
     return hand_out(layer, state)
