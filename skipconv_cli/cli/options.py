@@ -102,7 +102,10 @@ Size = Annotated[
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 Backend = Annotated[
     BackendName,
-    typer.Option("--backend", help="reference (masked dense, obviously correct) or sparse (fast)."),
+    typer.Option(
+        "--backend",
+        help="sparse (fast: recomputes only what can change) or reference (masked dense, exact counts).",
+    ),
 ]
 Threads = Annotated[
     int | None,

@@ -71,7 +71,7 @@ def run(
         float | None, typer.Option("--score-threshold", help="Minimum detection/person score.")
     ] = None,
     device: opt.Device = "cpu",
-    backend: opt.Backend = opt.BackendName.reference,
+    backend: opt.Backend = opt.BackendName.sparse,
     threads: opt.Threads = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON instead of a table.")

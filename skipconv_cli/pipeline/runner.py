@@ -310,6 +310,7 @@ def run_report(
         "gate": None if settings.dense else settings.gate,
         "threshold": None if settings.dense else _threshold_json(settings.threshold),
         "block": settings.block,
+        "backend": settings.backend,
         "gates": None if settings.dense or settings.gates is None else str(settings.gates),
         "dense": settings.dense,
         "resolution": list(predictor.input_size),
