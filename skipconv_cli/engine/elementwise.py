@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,11 +33,17 @@ from torch import fx, nn
 from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
 from skipconv_cli.engine.activations import FusedActivation, activate_, activation_of
 from skipconv_cli.engine.backends import native
-from skipconv_cli.engine.backends.sparse import Revision, revision_of
+from skipconv_cli.engine.backends.sparse import (
+    UNKNOWN_CHANGE,
+    Revision,
+    Seen,
+    change_since,
+    revision_of,
+    seen_now,
+)
 
 ADDS = (operator.add, torch.add)
 CONCATS = (torch.cat, torch.concat, torch.concatenate)
-_UNKNOWN = object()  # (see ``FollowsSparsity.change_of``)
 # what ``concat_marked`` is told of each input (the C++ InputChange)
 _UNCHANGED, _MARKED, _COMPARED, _WHOLE = 0, 1, 2, 3
 _NO_MARKS = torch.empty(0, dtype=torch.uint8)  # what a pass over every pixel writes no marks into
@@ -63,7 +68,7 @@ class FollowsSparsity(nn.Module):
         self.out: torch.Tensor | None = None
         self.marks: torch.Tensor | None = None  # uint8 [N, H, W]: 2 where the last step wrote
         self.revision = Revision()
-        self.inputs: tuple | None = None  # (weakref, revision number) per input at the last call
+        self.inputs: tuple | None = None  # per input at the last call: ``seen_now``
         self.version = 0  # out's version counter after the last call (a write into it downstream)
         self.pixels_written = 0  # since the stream's state was laid out (tests, statistics)
         # called with maps of two shapes (one module at several call sites, as yolox-nano's upsampling):
@@ -91,22 +96,14 @@ class FollowsSparsity(nn.Module):
         output written into)."""
         if not self.intact() or len(tensors) != len(self.inputs):
             return None
-        found = [self.change_of(t, *last) for t, last in zip(tensors, self.inputs, strict=True)]
-        return None if any(change is _UNKNOWN for change in found) else found
+        found = [self.change_of(t, seen) for t, seen in zip(tensors, self.inputs, strict=True)]
+        return None if any(change is UNKNOWN_CHANGE for change in found) else found
 
     @staticmethod
-    def change_of(t: torch.Tensor, ref: weakref.ref, number: int | None) -> object:
-        """What is known of ``t``'s change since the call that read ``ref`` at revision ``number``: None
-        (unchanged), the mark map of its one write, or ``_UNKNOWN`` (another tensor, none with a revision,
-        more writes)."""
-        revision = revision_of(t)
-        if t is not ref() or revision is None or t.is_inference():
-            return _UNKNOWN
-        if revision.number == number:
-            return None
-        if revision.number == number + 1 and revision.marked == revision.number:
-            return revision.marks
-        return _UNKNOWN
+    def change_of(t: torch.Tensor, seen: Seen | None) -> object:
+        """``change_since`` for an op's input: inference tensors keep no version counter, so a write into
+        one is not seen and its change is never known."""
+        return UNKNOWN_CHANGE if t.is_inference() else change_since(t, seen)
 
     def intact(self) -> bool:
         """Whether ``out`` still holds the output as last handed out (not written into downstream since;
@@ -140,7 +137,7 @@ class FollowsSparsity(nn.Module):
             revision.marks, revision.marked = None, -1
 
     def hand_out(self, *tensors: torch.Tensor) -> torch.Tensor:
-        self.inputs = tuple((weakref.ref(t), getattr(revision_of(t), "number", None)) for t in tensors)
+        self.inputs = tuple(seen_now(t) for t in tensors)
         self.version = 0 if self.out.is_inference() else self.out._version
         return self.out
 
@@ -276,8 +273,10 @@ class SparseConcat(FollowsSparsity):
         concat = native.extension().concat_marked
         split = tuple(t.shape[1] for t in tensors)
         if self.intact() and split == self.split:
-            known = [self.change_of(t, *last) for t, last in zip(tensors, self.inputs, strict=True)]
-            changes = [_COMPARED if k is _UNKNOWN else _UNCHANGED if k is None else _MARKED for k in known]
+            known = [self.change_of(t, seen) for t, seen in zip(tensors, self.inputs, strict=True)]
+            changes = [
+                _COMPARED if k is UNKNOWN_CHANGE else _UNCHANGED if k is None else _MARKED for k in known
+            ]
             marks = [k if c == _MARKED else None for k, c in zip(known, changes, strict=True)]
             if any(changes):
                 self.wrote(concat(list(tensors), marks, changes, self.out, self.marks))
@@ -338,8 +337,8 @@ class SparsePad(FollowsSparsity):
             return self.pad(x)
         pad = native.extension().pad_marked
         if self.intact() and self.offset == (top, left):
-            known = self.change_of(x, *self.inputs[0])
-            if known is _UNKNOWN:
+            known = self.change_of(x, self.inputs[0])
+            if known is UNKNOWN_CHANGE:
                 self.wrote(pad(x, self.out, None, top, left, _COMPARED, self.marks))
             elif known is not None:
                 self.wrote(pad(x, self.out, known, top, left, _MARKED, self.marks))

@@ -229,6 +229,34 @@ def revision_of(t: torch.Tensor) -> Revision | None:
     return getattr(t, "skipconv_revision", None)
 
 
+UNKNOWN_CHANGE = object()  # what ``change_since`` returns when a change is not known
+Seen = tuple  # (tensor by weak reference, its revision number): see ``seen_now``
+
+
+def seen_now(t: torch.Tensor) -> Seen | None:
+    """What ``change_since`` needs to tell, later, how ``t`` changed from now; None when ``t`` has no
+    revision. The tensor is held by weak reference: a layer in back-off would otherwise keep a replaced
+    map alive."""
+    revision = revision_of(t)
+    return (weakref.ref(t), revision.number) if revision is not None else None
+
+
+def change_since(t: torch.Tensor, seen: Seen | None) -> object:
+    """How ``t`` changed since ``seen`` (``seen_now`` of a tensor then): None when it is that tensor,
+    unchanged; the mark map of its one write since; ``UNKNOWN_CHANGE`` otherwise (another tensor, one
+    without a revision, more writes, a write that kept no marks). The one check behind a layer's
+    incremental scan (``writes_since_scan``), the early end of a back-off (``input_unchanged``) and the ops
+    that follow the sparsity (``elementwise``)."""
+    revision = revision_of(t)
+    if seen is None or revision is None or t is not seen[0]():
+        return UNKNOWN_CHANGE
+    if revision.number == seen[1]:
+        return None
+    if revision.number == seen[1] + 1 and revision.marked == revision.number:
+        return revision.marks
+    return UNKNOWN_CHANGE
+
+
 @dataclass
 class SparseState:
     x_pad: torch.Tensor
@@ -248,7 +276,7 @@ class SparseState:
     backoff: int = 0
     plain_left: int = 0
     probing: bool = False  # the next skip frame is the first after plain frames (see ``judge``)
-    plain_input: tuple | None = None  # (input by weak reference, its revision) at the last plain frame
+    plain_input: Seen | None = None  # the input at the last plain frame (``seen_now``)
     switch_taken: bool = False  # the last frame took the burst of the layer before going plain (``judge``)
     dense_seconds: float | None = None  # what the plain convolution takes here (CPU, auto-tuned layers)
     timed_seconds: float | None = None  # what it took when timed at tuning (``plain_seconds``)
@@ -257,9 +285,9 @@ class SparseState:
     z_version: int | None = None  # z's version counter when it was handed out (see ``hand_out``)
     tile_batches: set[int] = field(default_factory=set)  # tile counts convolved so far (see ``judge``)
     revision: Revision = field(default_factory=Revision)  # of z (see ``Revision``)
-    # (input, its revision, gate limits) at the last C++ step that left r_abs right for that input, and
+    # (the input seen, the gate limits) at the last C++ step that left r_abs right for that input, and
     # whether that step was idle (see ``writes_since_scan``)
-    scanned: tuple | None = None
+    scanned: tuple[Seen, torch.Tensor] | None = None
     last_idle: bool = False
 
     def __post_init__(self) -> None:
@@ -424,15 +452,13 @@ def writes_since_scan(
     the blocks they reach (and the last step's fired blocks) are gated again, the same gates as a full scan
     for a pass over a byte map; with no change after an idle step the frame is idle without any scan. The
     simplest sparsity that follows from layer to layer (conv -> fused activation -> conv links)."""
-    scanned = state.scanned
-    revision = revision_of(x)
-    if revision is None or x is not scanned[0]() or gate_limits(layer, state.maps) is not scanned[2]:
+    seen, limits = state.scanned
+    if gate_limits(layer, state.maps) is not limits:
         return None
-    if revision.number == scanned[1]:
-        return 0, None
-    if revision.number == scanned[1] + 1 and revision.marked == revision.number:
-        return 1, revision.marks
-    return None
+    change = change_since(x, seen)
+    if change is UNKNOWN_CHANGE:
+        return None
+    return (0, None) if change is None else (1, change)
 
 
 def tune(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
@@ -589,10 +615,8 @@ def input_unchanged(state: SparseState, x: torch.Tensor) -> bool:
     had nothing to do, the scene has calmed down, and the back-off ends early (the frame resyncs the
     state). A back-off grown long while a person walked (32-64 frames) otherwise kept HRNet-w32's layers
     on plain frames through the calm that followed, every layer before them idle."""
-    revision = revision_of(x)
-    last = state.plain_input
-    state.plain_input = (weakref.ref(x), revision.number) if revision is not None else None
-    return last is not None and revision is not None and x is last[0]() and revision.number == last[1]
+    last, state.plain_input = state.plain_input, seen_now(x)
+    return change_since(x, last) is None
 
 
 def resync_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
@@ -786,9 +810,8 @@ def native_skip_frame(
     # the layer before handed out its state last frame and a fresh map now: it went plain, and its exact
     # output differs from the state it handed out by all the change its gates had left pending
     switched = revision is None and state.scanned is not None
-    # the input by weak reference: a layer in back-off would otherwise keep a replaced map alive
-    seen = (weakref.ref(x), revision.number, state.maps.thresholds[2]) if revision is not None else None
-    state.scanned = seen if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
+    scanned = (seen_now(x), state.maps.thresholds[2]) if revision is not None else None
+    state.scanned = scanned if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
     state.last_idle = path == native.PATH_IDLE
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
     count_frame(layer, state, path, tiles, outputs_run)
