@@ -70,11 +70,7 @@ def rows(frames: int) -> list[Row]:
 
 
 def load_frames(clip: str, start: int, count: int) -> list:
-    frames = []
-    for index, frame in enumerate(open_source(clip, max_frames=start + count)):
-        if index >= start:
-            frames.append(frame)
-    return frames
+    return list(open_source(clip, max_frames=count, start=start))
 
 
 def threshold_for_reduction(loaded, settings: SkipSettings, inputs: list, target: float) -> float:

@@ -84,17 +84,19 @@ def test_dense_run_reports_exactly_one(env: dict, tmp_path: Path) -> None:
 
 
 def test_detect_run_writes_boxes_and_mask_overlay(env: dict, tmp_path: Path) -> None:
+    # from frame 1240 a person walks towards the camera (the clip's first thousand frames are an empty room)
     lines, video = tmp_path / "p.jsonl", tmp_path / "o.mp4"
     result = skipconv(
-        "run", "sample:person", "--model", "light-person", "--block", "4", "--show-mask", "--max-frames", "8",
-        "--predictions", str(lines), "--output", str(video), "--json", env=env,
+        "run", "sample:person", "--model", "light-person", "--block", "4", "--show-mask", "--start", "1240",
+        "--max-frames", "8", "--predictions", str(lines), "--output", str(video), "--json", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["block"] == 4 and data["frames"] == 8
+    assert data["block"] == 4 and data["frames"] == 8 and data["start"] == 1240
     frames = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert len(frames) == 8
+    assert [frame["frame"] for frame in frames] == list(range(1240, 1248))  # the video's frame numbers
     for frame in frames:
+        assert len(frame["boxes"]) == 1, frame  # the walker
         for box in frame["boxes"]:
             x1, y1, x2, y2, score, cls = box
             assert 0 <= x1 < x2 <= 768 and 0 <= y1 < y2 <= 432 and 0 < score <= 1 and cls == 0
@@ -123,6 +125,8 @@ def test_own_model_through_module_function(env: dict, tmp_path: Path) -> None:
         (["sample:person", "--block", "3"], "--block"),
         (["sample:person", "--task", "segment"], "--task"),
         (["sample:person", "--size", "100x100"], "multiples of 32"),
+        (["sample:cars", "--start", "5000"], "sample:cars has 377 frames: start frame 5000 is past its end"),
+        (["sample:cars", "--start", "-1"], "--start"),
         (["sample:nothing"], "unknown sample"),
         (["sample:person", "--model", "tests.user_models:missing", "--task", "detect"], "cannot import"),
     ],

@@ -67,6 +67,29 @@ def test_reads_ten_frames_lazily(videos_dir: Path) -> None:
     assert len(again) == 10 and np.array_equal(again[9], got[9])
 
 
+def test_start_reads_from_that_frame_exactly(videos_dir: Path) -> None:
+    path = str(videos_dir / "car-detection.mp4")
+    every = list(open_source(path, max_frames=25))
+    src = open_source(path, max_frames=5, start=20)
+    assert src.start == 20 and src.expected_frames == 5
+    got = list(src)
+    assert len(got) == 5 and all(np.array_equal(a, b) for a, b in zip(got, every[20:], strict=True))
+    assert np.array_equal(list(src)[0], every[20])  # read again: from the same frame
+    # near the end, the frames left bound what an iteration yields
+    tail = open_source(path, start=370)
+    assert tail.expected_frames == 7 and len(list(tail)) == 7 and not tail.truncated
+
+
+def test_start_past_the_end_and_negative(videos_dir: Path) -> None:
+    path = str(videos_dir / "car-detection.mp4")
+    with pytest.raises(SkipconvError, match="has 377 frames: start frame 377 is past its end"):
+        open_source(path, start=377)
+    with pytest.raises(SkipconvError, match="has 377 frames: start frame 5000 is past its end"):
+        open_source(path, start=5000)
+    with pytest.raises(SkipconvError, match="start frame must be 0 or more"):
+        open_source(path, start=-1)
+
+
 def test_sample_spec(videos_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SKIPCONV_MANIFEST_DIR", raising=False)
     monkeypatch.setenv("SKIPCONV_SAMPLES", str(videos_dir))

@@ -55,10 +55,7 @@ def calibrate(
     frames: Annotated[
         int, typer.Option("--frames", callback=opt._check_positive, help="Calibration frames.")
     ] = 100,
-    start: Annotated[
-        int,
-        typer.Option("--start", min=0, help="First calibration frame (skip frames with nothing in them)."),
-    ] = 0,
+    start: opt.Start = 0,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Calibration JSON to write (default: MODEL.calibration.json)."),
@@ -87,7 +84,7 @@ def calibrate(
     if threads:
         torch.set_num_threads(threads)
     search_settings = SearchSettings(max_drop=max_drop)  # checks --max-drop before anything slow
-    source = open_source(input, max_frames=start + frames)  # a bad input fails before the model loads
+    source = open_source(input, max_frames=frames, start=start)  # a bad input fails before the model loads
     loaded = load_model(model, task.value if task else None, weights)
     search_gate = gate.value
     if gates is not None or gate.value == "gumbel":
@@ -111,7 +108,7 @@ def calibrate(
     ) as progress:
         bar = progress.add_task("dense reference", total=frames, status="")
         clip = prepare_clip(
-            loaded, source, start, input_size, score, torch_dev,
+            loaded, source, input_size, score, torch_dev,
             on_frame=lambda n: progress.update(bar, completed=n),
         )  # fmt: skip
         progress.update(

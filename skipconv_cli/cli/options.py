@@ -95,6 +95,12 @@ Gates = Annotated[
 MaxFrames = Annotated[
     int | None, typer.Option("--max-frames", "-n", callback=_check_positive, help="Stop after N frames.")
 ]
+Start = Annotated[
+    int,
+    typer.Option(
+        "--start", min=0, help="First frame to read, counted from 0 (skip frames with nothing in them)."
+    ),
+]
 Size = Annotated[
     str | None,
     typer.Option("--size", help="Network input HEIGHTxWIDTH, multiples of 32 (default: the model's)."),

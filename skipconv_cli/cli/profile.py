@@ -30,6 +30,7 @@ def profile(
     calibration: opt.Calibration = None,
     gates: opt.Gates = None,
     max_frames: opt.MaxFrames = 50,
+    start: opt.Start = 0,
     size: opt.Size = None,
     device: opt.Device = "cpu",
     backend: opt.Backend = opt.BackendName.sparse,
@@ -49,13 +50,15 @@ def profile(
 
       skipconv profile sample:person --task pose --threshold 1 --block 4 --threads 2
 
+      skipconv profile sample:person --model hrnet-w32 --size 256 --start 1150 --max-frames 30 --block 4
+
       skipconv profile sample:cars --model yolox-nano --size 736x1280 --json profile.json
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    source = open_source(input, max_frames=max_frames)
+    source = open_source(input, max_frames=max_frames, start=start)
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
         loaded, gate.value, threshold, block, reset_every, calibration, backend=backend.value, gates=gates
@@ -76,6 +79,7 @@ def profile(
             loaded, settings, frames, input_size, warmup=warmup, device=torch_device(device),
             on_frame=lambda i: progress.update(bar, completed=i + 1),
         )  # fmt: skip
+    result |= {"input": source.name, "start": start}
     print_profile(Console(), result, top)
     if json_path is not None:
         write_json(json_path, result)

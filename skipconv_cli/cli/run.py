@@ -32,6 +32,8 @@ Examples:
 
   skipconv run traffic.mp4 --task detect --block 4 --predictions boxes.jsonl --report report.json
 
+  skipconv run sample:person --task pose --start 1150 --max-frames 130 --predictions walk.jsonl
+
   skipconv run 0 --model light-person --show-mask --output cam.mp4     (camera 0)
 
   skipconv run clip.mp4 --model mypkg.models:build_net --task detect   (your own model)
@@ -50,6 +52,7 @@ def run(
     calibration: opt.Calibration = None,
     gates: opt.Gates = None,
     max_frames: opt.MaxFrames = None,
+    start: opt.Start = 0,
     size: opt.Size = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Annotated H.264 mp4.")] = None,
     predictions: Annotated[
@@ -82,7 +85,8 @@ def run(
 
     if threads:
         torch.set_num_threads(threads)
-    source = open_source(input, max_frames=max_frames)  # a bad input fails before the model loads
+    # a bad input fails before the model loads
+    source = open_source(input, max_frames=max_frames, start=start)
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
         loaded,

@@ -94,20 +94,18 @@ class CalibrationClip:
 def prepare_clip(
     loaded: LoadedModel,
     source: FrameSource,
-    first_frame: int,
     input_size: tuple[int, int],
     score_threshold: float,
     device: torch.device,
     on_frame: Callable[[int], None] | None = None,
 ) -> CalibrationClip:
-    """Reads the frames after ``first_frame`` (up to the source's ``max_frames``), preprocesses them and
+    """Reads the source's frames (from its ``start``, up to its ``max_frames``), preprocesses them and
     runs the dense model on them. Refuses a clip where the dense model finds nothing to compare against."""
     inputs, reference = [], []
     spec = loaded.spec
+    first_frame = source.start
     with torch.inference_mode():
-        for index, frame in enumerate(source):
-            if index < first_frame:
-                continue
+        for frame in source:
             tensor, box = spec.preprocess(frame, input_size)
             tensor = tensor.to(device)
             inputs.append((tensor, box))

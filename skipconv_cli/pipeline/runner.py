@@ -260,7 +260,7 @@ def run_video(
                 if compare is not None:
                     compare.add(frame, predictions)
                 if lines is not None:
-                    lines.write({"frame": index, **predictions})
+                    lines.write({"frame": source.start + index, **predictions})  # the video's numbering
                 if video is not None:
                     heat = computed_map(predictor.model, box) if outputs.show_mask else None
                     annotated = annotate(frame, predictions, predictor.loaded, heat)
@@ -315,6 +315,7 @@ def run_report(
         "dense": settings.dense,
         "resolution": list(predictor.input_size),
         "input": source.name,
+        "start": source.start,
         "time_ms_per_frame": predictor.times.ms_per_frame(),
         "interrupted": interrupted,
         "truncated": source.truncated,

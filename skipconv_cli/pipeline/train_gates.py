@@ -74,10 +74,8 @@ class VideoRange:
 
     def frames(self) -> Iterator[np.ndarray]:
         """The BGR frames of the range, decoded lazily."""
-        source = open_source(self.input, max_frames=self.stop)
-        for index, frame in enumerate(source):
-            if index >= self.start:
-                yield frame
+        count = None if self.stop is None else self.stop - self.start
+        yield from open_source(self.input, max_frames=count, start=self.start)
 
     def length(self) -> int:
         """Frames in the range as the container announces them (the range may end earlier if cut)."""

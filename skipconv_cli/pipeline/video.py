@@ -44,7 +44,8 @@ class FrameSource:
     * ``fps``: frames per second from the container (30 when the source does not say).
     * ``frame_size``: (height, width) of the frames.
     * ``frame_count``: frames the container announces, or None (cameras, streams, unknown).
-    * ``max_frames``: iteration stops after this many frames (None: all).
+    * ``start``: the first frame yielded (frames before it are decoded and dropped: an exact seek).
+    * ``max_frames``: iteration stops after this many frames from ``start`` (None: all).
     * ``frames_read``: frames yielded by the latest iteration.
     * ``truncated``: True once an iteration of a file ended before the announced frame count (a damaged or
       cut file): the frames before the damage were yielded, and the caller may warn.
@@ -58,8 +59,10 @@ class FrameSource:
         capture: cv2.VideoCapture,
         first_frame: np.ndarray,
         max_frames: int | None = None,
+        start: int = 0,
     ) -> None:
         self.name = name
+        self.start = start
         self.is_live = isinstance(target, int) or bool(_URL.match(str(target)))
         self.max_frames = max_frames
         self.frame_size: tuple[int, int] = (int(first_frame.shape[0]), int(first_frame.shape[1]))
@@ -84,8 +87,10 @@ class FrameSource:
 
     @property
     def expected_frames(self) -> int | None:
-        """min(frame_count, max_frames), or None when neither is known: what a progress bar should show."""
-        known = [n for n in (self.frame_count, self.max_frames) if n is not None]
+        """min(frame_count - start, max_frames), or None when neither is known: what a progress bar should
+        show."""
+        after_start = None if self.frame_count is None else max(self.frame_count - self.start, 0)
+        known = [n for n in (after_start, self.max_frames) if n is not None]
         return min(known) if known else None
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -93,7 +98,7 @@ class FrameSource:
         if self._iterated:
             if self.is_live:
                 raise SkipconvError(f"{self.name} is a live source and can be read only once")
-            capture, first = _open_capture(self._target, self.name)
+            capture, first = _open_capture(self._target, self.name, self.start)
         else:
             capture, first = self._capture, self._first
             self._capture, self._first = None, None
@@ -134,17 +139,21 @@ class FrameSource:
         return f"FrameSource({self.name!r}, {w}x{h}, fps={self.fps:g}, frame_count={self.frame_count})"
 
 
-def open_source(spec: str, max_frames: int | None = None) -> FrameSource:
-    """Open a video path, ``sample:NAME``, camera index (``"0"``) or stream URL (``rtsp://…``, ``http://…``).
+def open_source(spec: str, max_frames: int | None = None, start: int = 0) -> FrameSource:
+    """Open a video path, ``sample:NAME``, camera index (``"0"``) or stream URL (``rtsp://…``, ``http://…``),
+    to be read from frame ``start`` (counted from 0).
 
-    Decodes the first frame at once, so a file that is not a video fails here with a one-line error rather
-    than in the middle of a run.
+    Decodes the first frame at once (and the frames up to ``start``), so a file that is not a video, or
+    one that ends before ``start``, fails here with a one-line error rather than in the middle of a run.
 
     Raises:
-        SkipconvError: the file is missing, empty, not a readable video, or has no frames.
+        SkipconvError: the file is missing, empty, not a readable video, has no frames, or none from
+            ``start`` on.
     """
     if max_frames is not None and max_frames < 1:
         raise SkipconvError(f"max frames must be at least 1, got {max_frames}")
+    if start < 0:
+        raise SkipconvError(f"the start frame must be 0 or more, got {start}")
     target: str | int
     if spec.startswith("sample:"):
         from skipconv_cli.assets import resolve_sample
@@ -164,11 +173,12 @@ def open_source(spec: str, max_frames: int | None = None) -> FrameSource:
         if path.stat().st_size == 0:
             raise SkipconvError(f"{spec} is an empty file (0 bytes), not a readable video")
         target, name = str(path), spec
-    capture, first = _open_capture(target, name)
-    return FrameSource(name, target, capture, first, max_frames)
+    capture, first = _open_capture(target, name, start)
+    return FrameSource(name, target, capture, first, max_frames, start)
 
 
-def _open_capture(target: str | int, name: str) -> tuple[cv2.VideoCapture, np.ndarray]:
+def _open_capture(target: str | int, name: str, start: int = 0) -> tuple[cv2.VideoCapture, np.ndarray]:
+    """The opened capture and its frame ``start``, decoded."""
     capture = cv2.VideoCapture(target)
     if not capture.isOpened():
         capture.release()
@@ -178,6 +188,17 @@ def _open_capture(target: str | int, name: str) -> tuple[cv2.VideoCapture, np.nd
     if first is None:
         capture.release()
         raise SkipconvError(f"{name} is not a readable video (no frame could be decoded)")
+    if start:
+        # grab() decodes each frame but skips its conversion to BGR (~0.5 ms a frame here). Seeking with
+        # CAP_PROP_POS_FRAMES is faster, and exact on the sample clips, but not with every codec and
+        # container (B-frames, variable frame rates: opencv/opencv#9053), and a wrong frame goes unnoticed
+        decoded = 1
+        while decoded < start and capture.grab():
+            decoded += 1
+        first = _read(capture) if decoded == start else None
+        if first is None:
+            capture.release()
+            raise SkipconvError(f"{name} has {decoded} frames: start frame {start} is past its end")
     return capture, first
 
 
