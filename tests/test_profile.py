@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from tests.conftest import skipconv
 
 
@@ -82,3 +84,24 @@ def test_end_to_end_times_are_taken_without_layer_timers(weights_dir, videos_dir
     for layer in full["layers"]:  # the timed pass's frames, not both passes'
         counts = [layer["backend"][f"{k}_frames"] for k in ("sparse", "idle", "plain", "dense")]
         assert sum(counts) == len(frames), layer["name"]
+
+
+def test_run_compares_with_the_same_dense_baseline_as_profile(videos_dir) -> None:
+    # the unconverted hrnet-w32 has 292 BatchNorms and runs NCHW: a slower dense model than profile's
+    from torch import nn
+
+    from skipconv_cli.models.factory import create_model, resolve_spec
+    from skipconv_cli.pipeline.runner import DenseComparison, Predictor, SkipSettings, skip_model
+    from tests.conftest import read_frames
+
+    loaded = create_model(resolve_spec("hrnet-w32", None))
+    skip = Predictor(loaded, skip_model(loaded, SkipSettings(backend="sparse")), (256, 256), 0.1)
+    dense = DenseComparison.alongside(skip).predictor
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in dense.model.modules())
+    convs = [m for m in dense.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    frame = read_frames(videos_dir / "one-by-one-person-detection.mp4", 1, start=1250)[0]
+    x = loaded.spec.preprocess(frame, (256, 256))[0]
+    with torch.no_grad():
+        unconverted, baseline = loaded.module(x), dense.model(x.contiguous(memory_format=torch.channels_last))
+    assert (baseline - unconverted).abs().max() <= 1e-4 * unconverted.abs().max()  # BatchNorm folded exactly

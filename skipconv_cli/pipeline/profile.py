@@ -20,15 +20,13 @@ from torch import nn
 from skipconv_cli.engine import (
     FollowsSparsity,
     SkipConv2d,
-    fold_batchnorms,
-    fuse_activations,
     report,
     reset,
     reset_stats,
     skip_layers,
 )
 from skipconv_cli.models.factory import LoadedModel
-from skipconv_cli.pipeline.runner import SkipSettings, skip_model
+from skipconv_cli.pipeline.runner import SkipSettings, dense_baseline, skip_model
 
 
 @dataclass
@@ -177,8 +175,7 @@ def profile_model(
     few microseconds (HRNet-w32's skip frames ~3 ms, 5%), which the end-to-end times leave out.
     """
     device = device or torch.device("cpu")
-    # the baseline folds BatchNorm and fuses activations in place as skip does: only skipping is credited
-    dense = fuse_activations(fold_batchnorms(loaded.module)).to(device).eval()
+    dense = dense_baseline(loaded, device)
     skip = skip_model(loaded, settings)
     inputs = [loaded.spec.preprocess(frame, input_size)[0].to(device) for frame in frames]
     with torch.no_grad():
