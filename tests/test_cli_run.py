@@ -80,7 +80,8 @@ def test_dense_run_reports_exactly_one(env: dict, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     assert data["macs"]["reduction"] == 1.0
-    assert data["dense"] is True and data["frames"] == 5
+    assert data["dense"] is True and data["frames"] == 5 and data["backend"] == "plain"
+    assert all(layer["macs_executed"] == layer["macs_dense"] for layer in data["layers"])
 
 
 def test_detect_run_writes_boxes_and_mask_overlay(env: dict, tmp_path: Path) -> None:

@@ -280,6 +280,25 @@ def test_a_layer_tuned_to_plain_convolutions_releases_its_weight_copy(monkeypatc
     assert layer._sparse_state.plain_forever and layer.weight_layout_bytes() == 0
 
 
+def test_always_plain_layer_is_the_plain_convolution_with_no_state(video_stream: torch.Tensor) -> None:
+    """``always_plain`` (``run --dense``): every frame the layer's convolution, nothing laid out or copied,
+    every output counted."""
+    model = build("mobilenetv2")
+    fast = sc.convert(model, threshold=0.0, backend="sparse")
+    for _, layer in sc.engine.skip_layers(fast):
+        layer.always_plain = True
+    with torch.no_grad():
+        for x in video_stream[:6]:
+            expected, got = model(x), fast(x)
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    for _, layer in sc.engine.skip_layers(fast):
+        state = layer._sparse_state
+        assert state.plain_forever and state.x_pad is None and state.z is None and state.maps is None
+        stats = layer.backend_stats()
+        assert (stats["dense_frames"], stats["plain_frames"], stats["sparse_frames"]) == (1, 5, 0)
+    assert sc.report(fast)["macs"]["reduction"] == 1.0
+
+
 @pytest.mark.parametrize("shape", [(1, 32, 52, 52), (3, 5, 7, 9), (2, 7)])
 def test_mean_abs_is_the_mean_absolute_value_per_sample(shape: tuple[int, ...]) -> None:
     """The output scale of a stream's first frame, read in C++: torch's abs().mean() to float precision,

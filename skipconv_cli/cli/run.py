@@ -62,7 +62,10 @@ def run(
     show_mask: Annotated[
         bool, typer.Option("--show-mask", help="Overlay a heatmap of where the network computed.")
     ] = False,
-    dense: Annotated[bool, typer.Option("--dense", help="No skipping: compute every frame fully.")] = False,
+    dense: Annotated[
+        bool,
+        typer.Option("--dense", help="No skipping: every conv a plain convolution (the dense time)."),
+    ] = False,
     compare_dense: Annotated[
         bool,
         typer.Option(

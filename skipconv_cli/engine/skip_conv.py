@@ -147,6 +147,9 @@ class SkipConv2d(nn.Conv2d):
         self._backend = backend
         # sparse backend: fraction of active tiles above which the dense recompute runs (None: measured)
         self.crossover: float | None = None
+        # sparse backend: every frame a plain convolution, no state kept (a dense run through the same
+        # accounting, at the dense model's speed: ``run --dense``)
+        self.always_plain = False
         # sparse backend: hand out copies of the output (set once a downstream op wrote into it)
         self.copy_outputs = False
         self.gate = GumbelGate(self) if gate == "gumbel" else None

@@ -363,6 +363,8 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     """First frame of a stream (or a reset): everything computed, state laid out for gathering."""
     channels_last_weight(layer)
     known = _MEMORY_CACHE.get(memory_key(layer, x), 1.0) if layer.crossover is None else 1.0
+    if layer.always_plain:
+        known = 0.0
     if known < PLAIN_BELOW:  # tuned to plain convolutions before (an earlier stream): no state to lay out
         out = plain_conv(layer, x)
         layer._sparse_state = SparseState.plain(x, out, known)
