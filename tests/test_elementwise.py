@@ -4,6 +4,7 @@ plain ops, bit for bit, while recomputing only what their inputs wrote."""
 from __future__ import annotations
 
 import copy
+import io
 import math
 import sys
 
@@ -17,6 +18,7 @@ import skipconv_cli as sc
 from skipconv_cli.engine.activations import CLAMP
 from skipconv_cli.engine.backends import native, sparse
 from skipconv_cli.engine.elementwise import (
+    FollowsSparsity,
     SparseConcat,
     SparsePad,
     SparseSum,
@@ -25,6 +27,7 @@ from skipconv_cli.engine.elementwise import (
     upsample_factor,
 )
 from skipconv_cli.pipeline.profile import state_bytes_per_stream
+from tests.archs import build
 from tests.conftest import read_frames
 
 convert_module = sys.modules["skipconv_cli.engine.convert"]
@@ -479,3 +482,34 @@ def test_folded_batchnorms_leave_a_rewritten_forward() -> None:
         for x in frames:
             assert (fast(x) - net(x)).abs().max().item() < 1e-4
     assert not calls
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "hrnet-fusion", "unet", "lists of branches"])
+def test_whole_converted_model_saves_mid_stream_and_loads_as_a_new_stream(
+    arch: str, stream: torch.Tensor
+) -> None:
+    """``torch.save`` of the model itself (not its state_dict): the rewritten forwards (sums, concatenations,
+    a forward traced with its lists unpacked) pickle, and the stream state (weak references) is left
+    behind: the loaded copy runs the stream from its first frame exactly as the original does."""
+    torch.manual_seed(0)
+    net = TwoResolutions().eval() if arch == "lists of branches" else build(arch)
+    model = sc.convert(net, gate="output-norm", threshold=0.1, block=4, backend="sparse")
+    for _, layer in sc.engine.skip_layers(model):
+        layer.crossover = 1.0  # (decisions that do not depend on timing: the two runs compare bit for bit)
+    with torch.no_grad():
+        for frame in stream[:3]:
+            model(frame)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(layer._sparse_state is None for _, layer in sc.engine.skip_layers(loaded))
+    assert all(layer._sparse_state is not None for _, layer in sc.engine.skip_layers(model))  # untouched
+    followers = [m for m in loaded.modules() if isinstance(m, FollowsSparsity)]
+    assert followers and all(op.out is None for op in followers)
+    if arch == "lists of branches":  # traced on the first call, before the save: the loaded copy follows
+        assert any(isinstance(m, SparseSum) for m in loaded.branches.modules())
+    sc.reset(model)
+    with torch.no_grad():
+        for frame in stream[:6]:
+            assert torch.equal(model(frame), loaded(frame))

@@ -40,6 +40,7 @@ from skipconv_cli.engine.backends.sparse import (
     change_since,
     revision_of,
     seen_now,
+    state_without_stream,
 )
 
 ADDS = (operator.add, torch.add)
@@ -143,6 +144,11 @@ class FollowsSparsity(nn.Module):
 
     def drop(self) -> None:
         self.out = self.marks = self.inputs = None
+
+    def __getstate__(self) -> dict:
+        """Pickled without the stream state (``torch.save`` of a whole model): a loaded copy starts a new
+        stream."""
+        return state_without_stream(self)
 
     def reset(self) -> None:
         """Drops the stream state (``engine.reset``)."""
@@ -418,21 +424,36 @@ def follow_sums(model: nn.Module) -> int:
     return replaced
 
 
-def _rewrite(module: nn.Module, graph: fx.Graph, guard: Callable[..., bool] | None = None) -> int:
+def _rewrite(module: nn.Module, graph: fx.Graph, lists: tuple[int, dict[int, int]] | None = None) -> int:
     count = _replace_sums(module, graph) + _replace_concats(module, graph)
     if count:
         _drop_identities(module, graph)
+        for node in graph.nodes:
+            # a forward annotated under ``from __future__ import annotations`` gives string types, which
+            # the generated code names as globals that pickling (``torch.save`` of a model) cannot handle
+            node.type = None
         traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
-        if guard is None:  # the instance's forward: the module keeps its type and state
-            module.forward = traced.forward
-        else:
-            written = module.forward
-
-            def forward(*args: object) -> object:
-                return traced(*args) if guard(*args) else written(*args)
-
-            module.forward = forward
+        # the instance's forward: the module keeps its type and state
+        module.forward = traced.forward if lists is None else _ListsForward(traced, module, *lists)
     return count
+
+
+class _ListsForward:
+    """The rewritten forward of a module traced with ``count`` arguments, its lists of tensors unpacked
+    (``lengths``: argument index -> list length); other calls run the forward as written. (A class rather
+    than a closure: a converted model pickles, ``torch.save`` of the whole model.)"""
+
+    def __init__(
+        self, traced: fx.GraphModule, module: nn.Module, count: int, lengths: dict[int, int]
+    ) -> None:
+        self.traced, self.module, self.count, self.lengths = traced, module, count, lengths
+
+    def __call__(self, *args: object) -> object:
+        if len(args) == self.count and all(
+            isinstance(args[i], (list, tuple)) and len(args[i]) == n for i, n in self.lengths.items()
+        ):
+            return self.traced(*args)
+        return type(self.module).forward(self.module, *args)
 
 
 def _drop_identities(module: nn.Module, graph: fx.Graph) -> None:
@@ -464,13 +485,7 @@ def _trace_on_first_call(module: nn.Module, args: tuple) -> None:
         graph = _OwnForwardTracer().trace(module, concrete_args=concrete)
     except Exception:
         return
-
-    def same_lengths(*call_args: object) -> bool:
-        return len(call_args) == len(args) and all(
-            isinstance(call_args[i], (list, tuple)) and len(call_args[i]) == n for i, n in lengths.items()
-        )
-
-    _rewrite(module, graph, guard=same_lengths)
+    _rewrite(module, graph, (len(args), lengths))
 
 
 def _replace_concats(module: nn.Module, graph: fx.Graph) -> int:

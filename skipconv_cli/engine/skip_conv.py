@@ -217,6 +217,13 @@ class SkipConv2d(nn.Conv2d):
 
     # -- stream state ---------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        """Pickled without the stream state (``torch.save`` of a whole model): a loaded copy starts a new
+        stream. Nor with the sparse path's copy of the weight, derived again on use (HRNet-w32: 108 MB)."""
+        state = sparse.state_without_stream(self)
+        state.pop(sparse.WEIGHT_LAYOUTS, None)
+        return state
+
     def reset(self) -> None:
         """Drops the stream state: the next frame is computed densely."""
         self._x_ref: torch.Tensor | None = None

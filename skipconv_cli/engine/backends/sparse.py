@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
 from skipconv_cli.engine.activations import activate_
@@ -239,6 +240,19 @@ def seen_now(t: torch.Tensor) -> Seen | None:
     map alive."""
     revision = revision_of(t)
     return (weakref.ref(t), revision.number) if revision is not None else None
+
+
+def state_without_stream(module: nn.Module) -> dict:
+    """``module.__dict__`` as ``module.reset()`` leaves it, the module itself untouched: what a Skip-Conv
+    layer or an op that follows the sparsity pickles (``torch.save`` of a whole model, ``copy.deepcopy``).
+    The stream state refers to other modules' maps by weak reference, which cannot be pickled, and a copy
+    starts a new stream anyway."""
+    live = module.__dict__.copy()
+    module.reset()
+    fresh = module.__dict__.copy()
+    module.__dict__.clear()
+    module.__dict__.update(live)
+    return fresh
 
 
 def change_since(t: torch.Tensor, seen: Seen | None) -> object:
