@@ -126,7 +126,8 @@ def test_fused_outputs_equal_the_unconverted_model(monkeypatch, tmp_path, kernel
 
 def test_reference_backend_and_dense_baseline_keep_the_outputs() -> None:
     net = make_net()
-    reference = sc.convert(net, threshold=0.0, block=2)  # fusion is the sparse backend's: passes through
+    # fusion is the sparse backend's: passes through
+    reference = sc.convert(net, threshold=0.0, block=2, backend="reference")
     baseline = fuse_activations(net)
     with torch.no_grad():
         for frame in frames(4):

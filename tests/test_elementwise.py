@@ -147,7 +147,7 @@ def test_sparse_sums_equal_plain_sums_bit_for_bit(
 def test_sums_stay_plain_under_the_reference_backend_and_autograd() -> None:
     torch.manual_seed(0)
     net = Block().eval()
-    reference = sc.convert(net, threshold=0.0)
+    reference = sc.convert(net, threshold=0.0, backend="reference")
     assert not any(isinstance(m, SparseSum) for m in reference.modules()), "sums follow the sparse backend"
     model = sc.convert(net, threshold=0.0, backend="sparse")
     x = torch.rand(1, 3, 32, 48)

@@ -32,6 +32,7 @@ def test_convert_replaces_every_conv_and_folds_batchnorm() -> None:
     originals = [m for m in model.modules() if type(m) is nn.Conv2d]
     layers = [m for m in converted.modules() if isinstance(m, sc.SkipConv2d)]
     assert len(layers) == len(originals) > 0
+    assert all(layer.backend == "sparse" for layer in layers), "the fast backend by default"
     assert not any(type(m) is nn.Conv2d for m in converted.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules()), "eval-mode BN is folded"
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the caller's model is untouched"
@@ -42,14 +43,14 @@ def test_convert_replaces_every_conv_and_folds_batchnorm() -> None:
 
 def test_training_mode_batchnorm_is_not_folded() -> None:
     model = build("mobilenetv2").train()
-    converted = sc.convert(model)
+    converted = sc.convert(model, backend="reference")
     assert any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
 
 
 def test_block_gates_are_constant_over_blocks() -> None:
     stream = frames(4, size=(64, 80))
     for block in (2, 4, 8):
-        model = sc.convert(plain_net(), threshold=0.2, block=block)
+        model = sc.convert(plain_net(), threshold=0.2, block=block, backend="reference")
         with torch.no_grad():
             for frame in stream:
                 model(frame)
@@ -74,7 +75,7 @@ def test_dense_mac_accounting_matches_flop_counter(arch: str) -> None:
         model(x)
     for hook in hooks:
         hook.remove()
-    converted = sc.convert(model)
+    converted = sc.convert(model, backend="reference")
     with torch.no_grad():
         converted(x)  # first frame: dense
     layers = {entry["name"]: entry for entry in sc.report(converted)["layers"]}
@@ -91,7 +92,7 @@ def test_dense_mac_accounting_matches_flop_counter(arch: str) -> None:
 
 @pytest.mark.parametrize("gate", ["input-norm", "output-norm", "gumbel"])
 def test_static_video_costs_only_the_gates(gate: str) -> None:
-    model = sc.convert(build("unet"), gate=gate, threshold=0.3)
+    model = sc.convert(build("unet"), gate=gate, threshold=0.3, backend="reference")
     frame = torch.rand(1, 3, 48, 64)
     with torch.no_grad():
         first = model(frame)
@@ -112,7 +113,7 @@ def test_static_video_costs_only_the_gates(gate: str) -> None:
 
 
 def test_report_shape_and_reduction() -> None:
-    model = sc.convert(build("mobilenetv2"), threshold=0.5, block=2)
+    model = sc.convert(build("mobilenetv2"), threshold=0.5, block=2, backend="reference")
     with torch.no_grad():
         for frame in frames(6):
             model(frame)
@@ -131,8 +132,8 @@ def test_report_shape_and_reduction() -> None:
 
 def test_batch_streams_are_independent() -> None:
     a, b = frames(6, seed=1), frames(6, seed=2).flip(-1)
-    batched = sc.convert(build("mobilenetv2"), threshold=0.5)
-    single = sc.convert(build("mobilenetv2"), threshold=0.5)
+    batched = sc.convert(build("mobilenetv2"), threshold=0.5, backend="reference")
+    single = sc.convert(build("mobilenetv2"), threshold=0.5, backend="reference")
     with torch.no_grad():
         outs_batched = [batched(torch.cat([fa, fb])) for fa, fb in zip(a, b, strict=True)]
         outs_a = [single(fa) for fa in a]
@@ -144,7 +145,7 @@ def test_batch_streams_are_independent() -> None:
 
 
 def test_reset_and_shape_change_compute_densely() -> None:
-    model = sc.convert(plain_net(), threshold=0.5)
+    model = sc.convert(plain_net(), threshold=0.5, backend="reference")
     stream = frames(3)
     with torch.no_grad():
         for frame in stream:
@@ -160,25 +161,25 @@ def test_reset_and_shape_change_compute_densely() -> None:
 
 def test_per_layer_thresholds() -> None:
     names = [name for name, m in plain_net().named_modules() if isinstance(m, nn.Conv2d)]
-    model = sc.convert(plain_net(), threshold={names[0]: 5.0, names[1]: 0.0})
+    model = sc.convert(plain_net(), threshold={names[0]: 5.0, names[1]: 0.0}, backend="reference")
     thresholds = {name: layer.threshold for name, layer in sc.engine.skip_layers(model)}
     assert thresholds == {names[0]: 5.0, names[1]: 0.0, names[2]: 0.3}
     sc.set_thresholds(model, 1.0)
     assert {layer.threshold for _, layer in sc.engine.skip_layers(model)} == {1.0}
     with pytest.raises(ValueError, match="does not have"):
-        sc.convert(plain_net(), threshold={"nope": 1.0})
+        sc.convert(plain_net(), threshold={"nope": 1.0}, backend="reference")
 
 
 def test_gumbel_gate_parameters_are_in_the_state_dict() -> None:
-    model = sc.convert(plain_net(), gate="gumbel")
+    model = sc.convert(plain_net(), gate="gumbel", backend="reference")
     keys = model.state_dict().keys()
     assert {"0.weight", "0.bias", "0.gate.channel_log_weight", "0.gate.log_threshold"} <= set(keys)
-    restored = sc.convert(plain_net(), gate="gumbel")
+    restored = sc.convert(plain_net(), gate="gumbel", backend="reference")
     restored.load_state_dict(model.state_dict())
 
 
 def test_gumbel_gate_trains_through_straight_through_estimator() -> None:
-    model = sc.convert(plain_net(), gate="gumbel").train()
+    model = sc.convert(plain_net(), gate="gumbel", backend="reference").train()
     for _, layer in sc.engine.skip_layers(model):  # where train-gates starts: undecided on real changes
         layer.gate.log_threshold.data.fill_(math.log(0.05))
     stream = frames(3)

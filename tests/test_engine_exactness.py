@@ -37,7 +37,7 @@ def test_threshold_zero_is_exact_for_every_gate_and_block(arch: str, person_stre
     scale = max(out.abs().max().item() for out in dense)
     for gate in GATES:
         for block in BLOCK_SIZES:
-            skip_model = sc.convert(dense_model, gate=gate, threshold=0.0, block=block)
+            skip_model = sc.convert(dense_model, gate=gate, threshold=0.0, block=block, backend="reference")
             skip = run_stream(skip_model, person_stream)
             worst = max((s - d).abs().max().item() for s, d in zip(skip, dense, strict=True))
             assert worst <= 1e-4 * scale, (
@@ -64,9 +64,8 @@ def slow_change_stream(frames: int = 120, step: float = 2.0) -> torch.Tensor:
 
 def errors_against_dense(reference: str, stream: torch.Tensor, threshold: float, **options) -> list[float]:
     dense_model = plain_net()
-    skip_model = sc.convert(
-        dense_model, gate="output-norm", threshold=threshold, reference=reference, **options
-    )
+    options = {"gate": "output-norm", "threshold": threshold, "reference": reference, **options}
+    skip_model = sc.convert(dense_model, backend="reference", **options)
     dense, skip = run_stream(dense_model, stream), run_stream(skip_model, stream)
     return [(s - d).abs().max().item() for s, d in zip(skip, dense, strict=True)]
 
@@ -81,7 +80,7 @@ def test_pending_reference_stays_bounded_while_lossy_reference_drifts() -> None:
     early, late = max(pending[1:40]), max(pending[80:])
     assert late <= 1.2 * early, f"pending error grows with stream length: {early:.3g} -> {late:.3g}"
     assert lossy[-1] > 5 * late, f"pending {late:.3g} vs lossy {lossy[-1]:.3g}"
-    skip_model = sc.convert(plain_net(), gate="output-norm", threshold=threshold)
+    skip_model = sc.convert(plain_net(), gate="output-norm", threshold=threshold, backend="reference")
     run_stream(skip_model, stream)
     assert sc.report(skip_model)["macs"]["reduction"] > 2.0, "pending should still skip most of the work"
 

@@ -60,7 +60,7 @@ def run_both(
     layer takes the whole frame, its scan may stop early) is no divergence: the reference takes every
     changed input too.
     """
-    reference = sc.convert(dense_model, **options)
+    reference = sc.convert(dense_model, backend="reference", **options)
     fast = sc.convert(dense_model, backend="sparse", **options)
     if learned is not None:  # trained Gumbel gates
         reference.load_state_dict(learned, strict=False)
@@ -109,7 +109,7 @@ def test_trained_gumbel_gates_run_in_the_cpp_step_and_match_the_reference(
     arch: str, video_stream: torch.Tensor
 ) -> None:
     dense_model = build(arch)
-    learned = trained_like_gates(sc.convert(dense_model, gate="gumbel"))
+    learned = trained_like_gates(sc.convert(dense_model, gate="gumbel", backend="reference"))
     for block in (1, 4):
         reference, fast, worst, scale, mismatches = run_both(
             dense_model, video_stream, crossover=1.0, learned=learned, gate="gumbel", block=block
@@ -566,7 +566,7 @@ def test_gradients_and_lossy_reference_use_the_reference_path() -> None:
 
 
 def test_set_backend_switches_and_restarts_the_stream() -> None:
-    model = sc.convert(plain_net(), threshold=0.0)
+    model = sc.convert(plain_net(), threshold=0.0, backend="reference")
     frames = torch.rand(1, 1, 3, 32, 40).repeat(3, 1, 1, 1, 1)
     frames[1:, ..., 4:12, 8:20] += 0.5  # a local change: most of the map is skipped
     with torch.no_grad():
@@ -590,7 +590,7 @@ def test_batch_streams_and_inference_mode() -> None:
     generator = torch.Generator().manual_seed(0)
     stream = torch.rand(6, 2, 3, 40, 48, generator=generator)
     stream[1:, 0] = stream[0, 0]  # stream 0 is static, stream 1 changes every frame
-    reference = sc.convert(build("hrnet-fusion"), threshold=0.3, block=4)
+    reference = sc.convert(build("hrnet-fusion"), threshold=0.3, block=4, backend="reference")
     fast = sc.convert(build("hrnet-fusion"), threshold=0.3, block=4, backend="sparse")
     for _, layer in sc.engine.skip_layers(fast):
         layer.crossover = 1.0  # the tile path on every layer, so that the reports match

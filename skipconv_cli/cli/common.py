@@ -32,7 +32,7 @@ def settings_from_options(
     reset_every: int | None,
     calibration: Path | None,
     dense: bool = False,
-    backend: str = "reference",
+    backend: str = "sparse",
     gates: Path | None = None,
 ) -> SkipSettings:
     """The conversion settings; a calibration file brings its own gate, block and per-layer thresholds.

@@ -25,7 +25,7 @@ def convert(
     reset_every: int | None = None,
     *,
     reference: str = "pending",
-    backend: str = "reference",
+    backend: str = "sparse",
 ) -> nn.Module:
     """Returns a copy of ``model`` in which every ``nn.Conv2d`` is a :class:`SkipConv2d`.
 
@@ -40,13 +40,14 @@ def convert(
         block: 1, 2, 4 or 8: structured gates over ``block x block`` output tiles.
         reset_every: recompute densely every this many frames (None: never after the first).
         reference: ``"pending"`` (exact, no drift) or ``"previous"`` (the paper's lossy reference).
-        backend: ``"reference"`` (dense residual update: exact counts, training, no speed) or ``"sparse"``
-            (the fast one: recomputes only the tiles that can change, with a measured per-layer dense
-            fallback; inference under ``torch.no_grad()``/``torch.inference_mode()``, gradients fall back
-            to the reference path; see ``SkipConv2d``).
+        backend: ``"sparse"`` (the fast one: recomputes only the tiles that can change, with a measured
+            per-layer dense fallback; inference under ``torch.no_grad()``/``torch.inference_mode()``,
+            gradients fall back to the reference path; see ``SkipConv2d``) or ``"reference"`` (the
+            algorithm in dense tensor ops: exact MAC counts, training, no speed; for tests and
+            calibration).
 
     Examples:
-        >>> fast = convert(my_model.eval(), gate="output-norm", threshold=0.5, block=4, backend="sparse")
+        >>> fast = convert(my_model.eval(), gate="output-norm", threshold=0.5, block=4)
         >>> for frame in frames: out = fast(frame)
         >>> report(fast)["macs"]["reduction"]
     """

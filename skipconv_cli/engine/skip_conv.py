@@ -87,11 +87,11 @@ class SkipConv2d(nn.Conv2d):
             ``reset()``, or when the input shape, dtype or device changes).
         reference: ``"pending"`` (default: skipped change stays pending, no drift) or ``"previous"``
             (the paper's lossy reference, the true previous input).
-        backend: ``"reference"`` (default: ``z += W * delta`` computed densely; readable, supports
-            training) or ``"sparse"`` (``backends/sparse.py``: only the tiles that can change are
-            recomputed, with a measured per-layer dense fallback; its outputs are channels_last). The
-            sparse backend needs inference (no gradient required, ``reference="pending"``); otherwise the
-            layer runs the reference path. Changing it drops the stream state.
+        backend: ``"sparse"`` (default; ``backends/sparse.py``: only the tiles that can change are
+            recomputed, with a measured per-layer dense fallback; its outputs are channels_last) or
+            ``"reference"`` (``z += W * delta`` computed densely; readable, exact counts, supports
+            training). The sparse backend needs inference (no gradient required, ``reference="pending"``);
+            otherwise the layer runs the reference path. Changing it drops the stream state.
 
     Shape:
         - Input: (N, C_in, H, W); each of the N samples is an independent stream with its own state.
@@ -124,7 +124,7 @@ class SkipConv2d(nn.Conv2d):
         block: int = 1,
         reset_every: int | None = None,
         reference: str = "pending",
-        backend: str = "reference",
+        backend: str = "sparse",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -193,7 +193,7 @@ class SkipConv2d(nn.Conv2d):
             s += f", reset_every={self.reset_every}"
         if self.reference != "pending":
             s += f", reference={self.reference}"
-        if self.backend != "reference":
+        if self.backend != "sparse":
             s += f", backend={self.backend}"
         return s
 

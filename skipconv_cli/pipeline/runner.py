@@ -37,7 +37,7 @@ class SkipSettings:
     block: int = 1
     reset_every: int | None = None
     dense: bool = False
-    backend: str = "reference"
+    backend: str = "sparse"
     gates: Path | None = None  # learned Gumbel gates (train-gates), applied after conversion
 
 

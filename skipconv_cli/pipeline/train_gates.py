@@ -340,7 +340,8 @@ class StepStats:
 def prepare_model(loaded: LoadedModel, config: TrainConfig, device: torch.device) -> nn.Module:
     """The model converted with Gumbel gates everywhere; only what trains requires a gradient."""
     try:
-        model = convert(loaded.module.cpu().eval(), gate="gumbel", block=config.block)
+        # (the reference backend: training runs it anyway, and evaluation then counts what the gates decide)
+        model = convert(loaded.module.cpu().eval(), gate="gumbel", block=config.block, backend="reference")
     except ValueError as e:
         raise SkipconvError(str(e)) from e
     model.to(device)
