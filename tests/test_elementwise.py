@@ -484,6 +484,7 @@ def test_folded_batchnorms_leave_a_rewritten_forward() -> None:
     assert not calls
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # (torch's own unpickling of fx code)
 @pytest.mark.parametrize("arch", ["mobilenetv2", "hrnet-fusion", "unet", "lists of branches"])
 def test_whole_converted_model_saves_mid_stream_and_loads_as_a_new_stream(
     arch: str, stream: torch.Tensor
