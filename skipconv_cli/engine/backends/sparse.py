@@ -242,19 +242,6 @@ def seen_now(t: torch.Tensor) -> Seen | None:
     return (weakref.ref(t), revision.number) if revision is not None else None
 
 
-def state_without_stream(module: nn.Module) -> dict:
-    """``module.__dict__`` as ``module.reset()`` leaves it, the module itself untouched: what a Skip-Conv
-    layer or an op that follows the sparsity pickles (``torch.save`` of a whole model, ``copy.deepcopy``).
-    The stream state refers to other modules' maps by weak reference, which cannot be pickled, and a copy
-    starts a new stream anyway."""
-    live = module.__dict__.copy()
-    module.reset()
-    fresh = module.__dict__.copy()
-    module.__dict__.clear()
-    module.__dict__.update(live)
-    return fresh
-
-
 def change_since(t: torch.Tensor, seen: Seen | None) -> object:
     """How ``t`` changed since ``seen`` (``seen_now`` of a tensor then): None when it is that tensor,
     unchanged; the mark map of its one write since; ``UNKNOWN_CHANGE`` otherwise (another tensor, one
@@ -269,6 +256,19 @@ def change_since(t: torch.Tensor, seen: Seen | None) -> object:
     if revision.number == seen[1] + 1 and revision.marked == revision.number:
         return revision.marks
     return UNKNOWN_CHANGE
+
+
+def state_without_stream(module: nn.Module) -> dict:
+    """``module.__dict__`` as ``module.reset()`` leaves it, the module itself untouched: what a Skip-Conv
+    layer or an op that follows the sparsity pickles (``torch.save`` of a whole model, ``copy.deepcopy``).
+    The stream state refers to other modules' maps by weak reference, which cannot be pickled, and a copy
+    starts a new stream anyway."""
+    live = module.__dict__.copy()
+    module.reset()
+    fresh = module.__dict__.copy()
+    module.__dict__.clear()
+    module.__dict__.update(live)
+    return fresh
 
 
 @dataclass
