@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skipconv_cli.cli import options as opt
-from skipconv_cli.cli.common import load_model, settings_from_options, torch_device
+from skipconv_cli.cli.common import load_model, prepare_backend, settings_from_options, torch_device
 from skipconv_cli.errors import SkipconvError
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.calibrate import (
@@ -95,6 +95,7 @@ def calibrate(
     input_size = parse_size(size, loaded.spec.input_size)
     score = loaded.spec.default_score_threshold if score_threshold is None else score_threshold
     skip = SkipSettings(gate=search_gate, threshold=0.0, block=block, backend=backend.value)
+    prepare_backend(skip)
     out = out or Path(f"{Path(loaded.name).name.replace(':', '_')}.calibration.json")
     console = Console()
     with Progress(

@@ -24,6 +24,20 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def prepare_backend(settings: SkipSettings) -> None:
+    """Loads the sparse backend's C++ kernel behind a spinner: on first use it is compiled (~35 s here),
+    which a run would otherwise spend silent at its first frame."""
+    if settings.backend != "sparse" and not settings.dense:  # (--dense runs the sparse backend's plain path)
+        return
+    from rich.console import Console
+
+    from skipconv_cli.engine.backends import native
+
+    message = "loading the sparse backend's C++ kernel (compiled on first use, ~35 s)"
+    with Console(stderr=True).status(message):
+        native.extension()
+
+
 def settings_from_options(
     loaded: LoadedModel,
     gate: str,

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skipconv_cli.cli import options as opt
-from skipconv_cli.cli.common import load_model, settings_from_options, torch_device
+from skipconv_cli.cli.common import load_model, prepare_backend, settings_from_options, torch_device
 from skipconv_cli.errors import SkipconvError
 from skipconv_cli.pipeline.profile import profile_model
 from skipconv_cli.pipeline.runner import parse_size, write_json
@@ -63,6 +63,7 @@ def profile(
     settings = settings_from_options(
         loaded, gate.value, threshold, block, reset_every, calibration, backend=backend.value, gates=gates
     )
+    prepare_backend(settings)
     input_size = parse_size(size, loaded.spec.input_size)
     frames = list(source)
     if len(frames) <= warmup:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from skipconv_cli.cli import options as opt
-from skipconv_cli.cli.common import load_model, settings_from_options, torch_device
+from skipconv_cli.cli.common import load_model, prepare_backend, settings_from_options, torch_device
 from skipconv_cli.errors import SkipconvError
 from skipconv_cli.pipeline.runner import (
     DenseComparison,
@@ -102,6 +102,7 @@ def run(
         backend=backend.value,
         gates=gates,
     )
+    prepare_backend(settings)
     torch_dev = torch_device(device)
     loaded.module.to(torch_dev)
     input_size = parse_size(size, loaded.spec.input_size)
