@@ -27,7 +27,7 @@ def torch_device(name: str) -> torch.device:
 def prepare_backend(settings: SkipSettings) -> None:
     """Loads the sparse backend's C++ kernel behind a spinner: on first use it is compiled (~35 s here),
     which a run would otherwise spend silent at its first frame."""
-    if settings.backend != "sparse" and not settings.dense:  # (--dense runs the sparse backend's plain path)
+    if settings.backend_used != "sparse":
         return
     from rich.console import Console
 

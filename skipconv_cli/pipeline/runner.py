@@ -40,6 +40,12 @@ class SkipSettings:
     backend: str = "sparse"
     gates: Path | None = None  # learned Gumbel gates (train-gates), applied after conversion
 
+    @property
+    def backend_used(self) -> str:
+        """The backend the model runs: ``dense`` runs the sparse backend's plain frames, whatever
+        ``backend`` says (see ``skip_model``)."""
+        return "sparse" if self.dense else self.backend
+
 
 def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
     """``"HxW"`` or ``"S"`` -> (height, width), multiples of 32 or the model's own default (the pose
@@ -64,12 +70,12 @@ def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
     """The converted model. ``dense``: every layer a plain convolution on every frame (the sparse backend's
     plain frames, whatever ``backend`` says), so that a dense run costs what the dense model does and its
     report has the same per-layer entries, every MAC executed."""
-    options: dict = {"gate": settings.gate, "block": settings.block, "backend": settings.backend}
+    options: dict = {"gate": settings.gate, "block": settings.block, "backend": settings.backend_used}
     if settings.dense:
         # (recomputing every frame through the Skip-Conv machinery instead, reset_every=1, laid out the
         # state anew each frame: light-person 45 ms a frame with the sparse backend, 34 with the reference
         # one, where the dense model takes 16)
-        options |= {"threshold": 0.0, "backend": "sparse"}
+        options |= {"threshold": 0.0}
     else:
         options |= {"threshold": settings.threshold, "reset_every": settings.reset_every}
     try:
