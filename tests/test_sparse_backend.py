@@ -220,8 +220,13 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
     for with_pixels, with_tiles in zip(runs["1"], runs["0"], strict=True):
         matrix = with_pixels._sparse_state.maps.pixel_weight
         assert matrix is not None
-        # the weight's copy is counted once for all streams, not as stream state (the tiles keep none)
-        assert with_pixels.weight_layout_bytes() == matrix.untyped_storage().nbytes() > 0
+        # ungrouped layers read the weight itself; a depthwise layer's copy is counted once for all streams,
+        # not as stream state (the tiles keep none)
+        if with_pixels.groups == 1:
+            assert matrix.untyped_storage().data_ptr() == with_pixels.weight.untyped_storage().data_ptr()
+            assert with_pixels.weight_layout_bytes() == 0
+        else:
+            assert with_pixels.weight_layout_bytes() == matrix.untyped_storage().nbytes() > 0
         assert with_tiles.weight_layout_bytes() == 0
         assert with_pixels.state_bytes() == with_tiles.state_bytes()
         kinds.add(with_pixels.groups == 1)
@@ -252,7 +257,9 @@ def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_strea
         assert all(matrix is not None for matrix in first)
         sc.engine.reset(fast)
         held = [layer.weight_layout_bytes() for layer in layers]
-        assert held == [m.untyped_storage().nbytes() for m in first], "held across the reset, and reported"
+        pairs = zip(layers, first, strict=True)
+        copies = [0 if layer.groups == 1 else m.untyped_storage().nbytes() for layer, m in pairs]
+        assert held == copies and any(copies), "held across the reset, and reported"
         fast(video_stream[0])
         assert all(layer._sparse_state.maps.pixel_weight is m for layer, m in zip(layers, first, strict=True))
 
@@ -270,11 +277,12 @@ def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_strea
 
 
 def test_a_layer_tuned_to_plain_convolutions_releases_its_weight_copy(monkeypatch) -> None:
-    """The pixel path's copy of the weight is kept across streams, but not by a layer that will not skip."""
-    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    """The pixel path's copy of a depthwise weight is kept across streams, but not by a layer that will not
+    skip."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, groups=8, threshold=0.0, block=4, backend="sparse")
     with torch.no_grad():
         layer(torch.rand(1, 8, 32, 32))
-        assert layer.weight_layout_bytes() == 8 * 8 * 9 * 4
+        assert layer.weight_layout_bytes() == 8 * 9 * 4
         monkeypatch.setattr(sparse, "crossover_for", lambda layer, state: 0.0)  # tuned: never pays
         layer(torch.rand(1, 8, 32, 32))
     assert layer._sparse_state.plain_forever and layer.weight_layout_bytes() == 0

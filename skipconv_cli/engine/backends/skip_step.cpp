@@ -133,11 +133,11 @@ inline void write_row(float* dst, const float* src, const float* bias, int64_t c
 // are those found before the scan stopped), 3 forced (timing only: the outputs of the given units, flat
 // indices, are recomputed and written whole; the reference is not touched), and outputs run counts what the
 // convolution computed (halo and overlap of tiles included).
-// pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [kh * kw * C,
-// Co]): the written outputs' receptive fields gathered as rows (im2col of those pixels only) and one matrix
-// product. Depthwise convs (float [kh * kw, C]): per pixel, the taps' channel rows times their weights,
-// summed in registers. No tile covers more than its gated blocks, no halo is convolved, and nothing
-// builds a kernel per batch size as oneDNN's convolution does.
+// pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [Co, kh * kw *
+// C], the channels_last weight's own memory): the written outputs' receptive fields gathered as rows
+// (im2col of those pixels only) and one matrix product. Depthwise convs (float [kh * kw, C]): per pixel,
+// the taps' channel rows times their weights, summed in registers. No tile covers more than its gated
+// blocks, no halo is convolved, and nothing builds a kernel per batch size as oneDNN's convolution does.
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
 // activation (an Activation) with bounds lo, hi (clamp): applied to every written output, so that z holds
 // the activated output and the activation follows the sparsity.
@@ -490,8 +490,9 @@ std::vector<int64_t> skip_step(
     });
     // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
     // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
+    // (matrix: the [Co, K] weight; the product reads it transposed, as fast as a [K, Co] copy)
     at::Tensor out = scratch(1, m * Co).view({m, Co});
-    at::mm_out(out, columns, matrix);
+    at::mm_out(out, columns, matrix.t());
     const float* outd = out.data_ptr<float>();
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {

@@ -726,12 +726,13 @@ def pixel_path(layer: SkipConv2d) -> bool:
 
 
 def pixel_matrix(layer: SkipConv2d) -> torch.Tensor | None:
-    """The weight as the C++ step's pixel path reads it: [kh * kw * C, C_out] for an ungrouped conv, [kh *
-    kw, C] for a depthwise one. There the outputs to write are recomputed one pixel each (receptive fields
-    gathered as rows and one matrix product; depthwise: tap rows times weights) instead of as tiles of a
-    batched convolution. Measured on HRNet-w32's and the mobile models' ungrouped layers at 5-30% active
-    outputs: 1.5-4x faster than the tiles, which cover whole 8x8 tiles for 4x4 blocks, convolve a halo,
-    and run oneDNN on stacks of small patches. Other grouped convs keep the tiles."""
+    """The weight as the C++ step's pixel path reads it: [C_out, kh * kw * C] for an ungrouped conv (the
+    channels_last weight itself), [kh * kw, C] for a depthwise one (a copy). There the outputs to write are
+    recomputed one pixel each (receptive fields gathered as rows and one matrix product; depthwise: tap
+    rows times weights) instead of as tiles of a batched convolution. Measured on HRNet-w32's and the
+    mobile models' ungrouped layers at 5-30% active outputs: 1.5-4x faster than the tiles, which cover
+    whole 8x8 tiles for 4x4 blocks, convolve a halo, and run oneDNN on stacks of small patches. Other
+    grouped convs keep the tiles."""
     return weight_layouts(layer).pixel_weight
 
 
@@ -760,8 +761,10 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
         matrix = None
         if pixels:
             w = weight.detach().float()
-            order = (2, 3, 1, 0) if layer.groups == 1 else (2, 3, 0, 1)
-            matrix = w.permute(*order).reshape(-1, w.shape[0]).contiguous()
+            if layer.groups == 1:  # [C_out, kh * kw * C]: a view of the channels_last weight, no copy
+                matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+            else:
+                matrix = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0]).contiguous()
         mean_abs = weight.detach().abs().mean().clamp_min(1e-30)
     layouts = WeightLayouts(key, matrix, mean_abs)
     layer.__dict__[WEIGHT_LAYOUTS] = layouts
@@ -769,10 +772,13 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
 
 
 def weight_layout_bytes(layer: SkipConv2d) -> int:
-    """Bytes of the weight's copy the pixel path reads (held for all streams, across resets)."""
+    """Bytes of the weight's copy the pixel path reads (held for all streams, across resets; none where it
+    reads the weight itself)."""
     layouts = layer.__dict__.get(WEIGHT_LAYOUTS)
     matrix = layouts.pixel_weight if layouts is not None else None
-    return matrix.untyped_storage().nbytes() if matrix is not None else 0
+    if matrix is None or matrix.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr():
+        return 0
+    return matrix.untyped_storage().nbytes()
 
 
 def gate_limits(layer: SkipConv2d, maps: NativeMaps) -> torch.Tensor:
