@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import skipconv_cli as sc
-from skipconv_cli.engine.backends import sparse
+from skipconv_cli.engine.backends import native, sparse
 from skipconv_cli.engine.gates import BLOCK_SIZES, GATES
 from tests.archs import ARCHITECTURES, build, plain_net
 from tests.conftest import read_frames
@@ -220,13 +221,9 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
     for with_pixels, with_tiles in zip(runs["1"], runs["0"], strict=True):
         matrix = with_pixels._sparse_state.maps.pixel_weight
         assert matrix is not None
-        # ungrouped layers read the weight itself; a depthwise layer's copy is counted once for all streams,
-        # not as stream state (the tiles keep none)
-        if with_pixels.groups == 1:
-            assert matrix.untyped_storage().data_ptr() == with_pixels.weight.untyped_storage().data_ptr()
-            assert with_pixels.weight_layout_bytes() == 0
-        else:
-            assert with_pixels.weight_layout_bytes() == matrix.untyped_storage().nbytes() > 0
+        # ungrouped layers read the weight itself or its packed panels, depthwise ones a copy: a copy is
+        # counted once for all streams, not as stream state (the tiles keep none)
+        assert with_pixels.weight_layout_bytes() == layout_copy_bytes(with_pixels, matrix)
         assert with_tiles.weight_layout_bytes() == 0
         assert with_pixels.state_bytes() == with_tiles.state_bytes()
         kinds.add(with_pixels.groups == 1)
@@ -238,6 +235,57 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
         total["0"] += run_tiles
     assert kinds == {True, False}, "ungrouped and depthwise layers"
     assert 0 < total["1"] < total["0"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pixel_path_product_is_exact_for_any_row_and_channel_count(threads: int) -> None:
+    """The ungrouped pixel path's matrix product (packed AVX-512 panels where the CPU has them, else at::mm)
+    over changes of 1 to all output pixels and channel counts off its 16-channel panels: at threshold 0
+    each frame's output is the dense convolution's."""
+    torch.set_num_threads(threads)
+    try:
+        check_pixel_products(torch.Generator().manual_seed(threads))
+    finally:
+        torch.set_num_threads(1)  # this module's setting (``one_thread``)
+
+
+def check_pixel_products(generator: torch.Generator) -> None:
+    regions = [
+        (0, 1, 0, 1),
+        (3, 5, 7, 10),
+        (10, 15, 20, 25),
+        (2, 11, 5, 25),
+        (0, 24, 0, 40),
+        (20, 24, 36, 40),
+    ]
+    for in_channels, out_channels, kernel in [(5, 37, 3), (64, 16, 1), (3, 96, 3), (40, 33, 1), (8, 7, 3)]:
+        layer = sc.SkipConv2d(in_channels, out_channels, kernel, padding=kernel // 2, threshold=0.0, block=4)
+        layer.crossover = 1.0  # every frame on the pixel path, however much changed
+        frame = torch.rand(1, in_channels, 24, 40, generator=generator)
+        with torch.no_grad():
+            layer(frame)
+            for top, bottom, left, right in regions:
+                frame = frame.clone()
+                frame[..., top:bottom, left:right] = torch.rand(
+                    1, in_channels, bottom - top, right - left, generator=generator
+                )
+                expected = F.conv2d(frame, layer.weight, layer.bias, padding=kernel // 2)
+                worst = (layer(frame) - expected).abs().max().item()
+                assert worst <= 1e-5 * expected.abs().max().item(), (in_channels, out_channels, top, worst)
+        assert layer._sparse_state.maps.pixel_weight.dim() == (3 if native.packs_weights() else 2)
+        assert layer.backend_stats()["sparse_frames"] == len(regions)
+
+
+def layout_copy_bytes(layer: sc.SkipConv2d, matrix: torch.Tensor) -> int:
+    """What the pixel path's weight layout should hold beyond the weight: nothing where an ungrouped layer
+    reads the weight itself (no packed product), else the copy."""
+    if layer.groups == 1:
+        packed = native.packs_weights()
+        assert matrix.dim() == (3 if packed else 2)
+        if not packed:
+            assert matrix.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+            return 0
+    return matrix.untyped_storage().nbytes()
 
 
 def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_stream: torch.Tensor) -> None:
@@ -257,8 +305,7 @@ def test_weight_layouts_outlive_a_stream_and_follow_a_changed_weight(video_strea
         assert all(matrix is not None for matrix in first)
         sc.engine.reset(fast)
         held = [layer.weight_layout_bytes() for layer in layers]
-        pairs = zip(layers, first, strict=True)
-        copies = [0 if layer.groups == 1 else m.untyped_storage().nbytes() for layer, m in pairs]
+        copies = [layout_copy_bytes(layer, m) for layer, m in zip(layers, first, strict=True)]
         assert held == copies and any(copies), "held across the reset, and reported"
         fast(video_stream[0])
         assert all(layer._sparse_state.maps.pixel_weight is m for layer, m in zip(layers, first, strict=True))

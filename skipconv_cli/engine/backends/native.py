@@ -42,9 +42,8 @@ def extension() -> Any | None:
         _put_ninja_on_path()
 
         # the source's hash in the name: an edited kernel is rebuilt, never mixed up with an old build
-        digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
         return load(
-            name=f"skipconv_skip_step_{digest}",
+            name=f"skipconv_skip_step_{source_digest()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -58,6 +57,12 @@ def extension() -> Any | None:
             stacklevel=2,
         )
         return None
+
+
+@functools.cache
+def source_digest() -> str:
+    """A short hash of the kernel's source: names its build, and keys what was measured with it."""
+    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
@@ -82,6 +87,13 @@ def mean_abs(map: torch.Tensor) -> torch.Tensor:
         if kernel is not None:
             return kernel.mean_abs(map.detach()).view(-1, *(1 for _ in dims))
     return map.detach().abs().mean(dims, keepdim=True)
+
+
+@functools.cache
+def packs_weights() -> bool:
+    """Whether the kernel's pixel path multiplies packed weight panels (an x86 CPU with AVX-512)."""
+    kernel = extension()
+    return kernel is not None and bool(kernel.packs_weights())
 
 
 def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:

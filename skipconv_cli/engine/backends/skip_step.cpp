@@ -8,6 +8,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -51,6 +55,86 @@ at::Tensor scratch(int slot, int64_t floats) {
     buffer = at::empty({std::min(kScratchFloats, std::max(floats, 2 * (buffer.defined() ? buffer.numel() : 0)))},
                        at::kFloat);
   return buffer.narrow(0, 0, floats);
+}
+
+// The pixel path's matrix product on CPUs with AVX-512: rows of gathered receptive fields times the
+// weight, packed once per weight in panels of 16 output channels ([ceil(Co / 16), K, 16], zero padded), a
+// 6-row x 32-channel register tile per step. at::mm (MKL) ran the same products at 0.3-0.5x this speed on
+// the AMD EPYC these numbers come from (MKL takes its AVX2 code there: ~90 GMAC/s on 2 threads against
+// ~245 here, and ~200 for oneDNN's dense convolution), 2-7x on the few-row products of a calm frame.
+// Compiled for AVX-512 function by function and chosen at run time: the extension runs on any x86 CPU.
+
+#if defined(__x86_64__)
+constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
+constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
+
+template <int R, int P>
+__attribute__((target("avx512f"))) void packed_tile(const float* a, int64_t lda, int64_t K,
+                                                    const float* panel, float* c, int64_t ldc,
+                                                    int64_t cols) {
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[P];
+    for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_ps(panel + (p * K + k) * kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(x, w[p], acc[r][p]);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t left = cols - p * kPanel;
+    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mask, acc[r][p]);
+  }
+}
+
+template <int P>
+__attribute__((target("avx512f"))) void packed_rows(const float* a, int64_t lda, int64_t rows, int64_t K,
+                                                    const float* panel, float* c, int64_t ldc,
+                                                    int64_t cols) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    packed_tile<kRows, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols);
+  switch (rows - r) {
+    case 5: packed_tile<5, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    case 4: packed_tile<4, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    case 3: packed_tile<3, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    case 2: packed_tile<2, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    case 1: packed_tile<1, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    default: break;
+  }
+}
+
+bool packed_gemm_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+#else
+constexpr int64_t kPanel = 16;
+template <int P>
+void packed_rows(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, int64_t) {}
+bool packed_gemm_supported() { return false; }
+#endif
+
+// c[m, Co] = a[m, K] x W^T where packed holds W [Co, K] as panels [ceil(Co / 16), K, 16] (zero padded).
+void packed_gemm(const float* a, int64_t m, int64_t K, const float* packed, int64_t Co, float* c) {
+  const int64_t panels = (Co + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
+  const int64_t row_blocks = (m + 4 * kRows - 1) / (4 * kRows);  // 24 rows per work item
+  const int64_t items = pairs * row_blocks;
+  const int64_t work = m * K * Co;
+  // panel-pair-major: each thread keeps to a few panels of the weight, which stay in its L2
+  at::parallel_for(0, items, work < (int64_t(1) << 18) ? items : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / row_blocks, block = item % row_blocks;
+      const int64_t r0 = block * 4 * kRows, rows = std::min<int64_t>(4 * kRows, m - r0);
+      const int64_t col0 = pair * 2 * kPanel, cols = std::min<int64_t>(2 * kPanel, Co - col0);
+      const float* panel = packed + pair * 2 * K * kPanel;
+      if (cols > kPanel) packed_rows<2>(a + r0 * K, K, rows, K, panel, c + r0 * Co + col0, Co, cols);
+      else packed_rows<1>(a + r0 * K, K, rows, K, panel, c + r0 * Co + col0, Co, cols);
+    }
+  });
 }
 
 struct Geometry {
@@ -134,8 +218,8 @@ inline void write_row(float* dst, const float* src, const float* bias, int64_t c
 // indices, are recomputed and written whole; the reference is not touched), and outputs run counts what the
 // convolution computed (halo and overlap of tiles included).
 // pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [Co, kh * kw *
-// C], the channels_last weight's own memory): the written outputs' receptive fields gathered as rows
-// (im2col of those pixels only) and one matrix product. Depthwise convs (float [kh * kw, C]): per pixel,
+// C], the channels_last weight's own memory, or its packed panels, see packed_gemm): the written outputs'
+// receptive fields gathered as rows (im2col of those pixels only) and one matrix product. Depthwise convs (float [kh * kw, C]): per pixel,
 // the taps' channel rows times their weights, summed in registers. No tile covers more than its gated
 // blocks, no halo is convolved, and nothing builds a kernel per batch size as oneDNN's convolution does.
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
@@ -490,9 +574,12 @@ std::vector<int64_t> skip_step(
     });
     // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
     // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
-    // (matrix: the [Co, K] weight; the product reads it transposed, as fast as a [K, Co] copy)
     at::Tensor out = scratch(1, m * Co).view({m, Co});
-    at::mm_out(out, columns, matrix.t());
+    if (matrix.dim() == 3) {  // packed panels (packed_gemm)
+      packed_gemm(cd, m, row_len, matrix.data_ptr<float>(), Co, out.data_ptr<float>());
+    } else {  // the [Co, K] weight, read transposed (as fast as a [K, Co] copy)
+      at::mm_out(out, columns, matrix.t());
+    }
     const float* outd = out.data_ptr<float>();
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {
@@ -820,4 +907,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("concat_marked", &concat_marked, "A channel concatenation rewritten where its inputs changed");
   m.def("pad_marked", &pad_marked, "A zero padding rewritten where its input changed");
   m.def("mean_abs", &mean_abs, "The mean |value| of each sample of a dense float map");
+  m.def("packs_weights", &packed_gemm_supported, "Whether the pixel path multiplies packed weight panels");
 }
