@@ -238,10 +238,10 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pixel_path_product_is_exact_for_any_row_and_channel_count(threads: int) -> None:
-    """The ungrouped pixel path's matrix product (packed AVX-512 panels where the CPU has them, else at::mm)
-    over changes of 1 to all output pixels and channel counts off its 16-channel panels: at threshold 0
-    each frame's output is the dense convolution's."""
+def test_pixel_path_products_are_exact_for_any_row_and_channel_count(threads: int) -> None:
+    """The pixel path's products (ungrouped: packed AVX-512 panels where the CPU has them, else at::mm;
+    depthwise: 16 channels a register there) over changes of 1 to all output pixels and channel counts off
+    their 16-channel registers: at threshold 0 each frame's output is the dense convolution's."""
     torch.set_num_threads(threads)
     try:
         check_pixel_products(torch.Generator().manual_seed(threads))
@@ -258,8 +258,12 @@ def check_pixel_products(generator: torch.Generator) -> None:
         (0, 24, 0, 40),
         (20, 24, 36, 40),
     ]
-    for in_channels, out_channels, kernel in [(5, 37, 3), (64, 16, 1), (3, 96, 3), (40, 33, 1), (8, 7, 3)]:
-        layer = sc.SkipConv2d(in_channels, out_channels, kernel, padding=kernel // 2, threshold=0.0, block=4)
+    shapes = [(5, 37, 3, 1), (64, 16, 1, 1), (3, 96, 3, 1), (40, 33, 1, 1), (8, 7, 3, 1), (37, 37, 3, 37)]
+    shapes += [(16, 16, 3, 16), (5, 5, 5, 5)]
+    for in_channels, out_channels, kernel, groups in shapes:
+        layer = sc.SkipConv2d(
+            in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, threshold=0.0, block=4
+        )
         layer.crossover = 1.0  # every frame on the pixel path, however much changed
         frame = torch.rand(1, in_channels, 24, 40, generator=generator)
         with torch.no_grad():
@@ -269,10 +273,11 @@ def check_pixel_products(generator: torch.Generator) -> None:
                 frame[..., top:bottom, left:right] = torch.rand(
                     1, in_channels, bottom - top, right - left, generator=generator
                 )
-                expected = F.conv2d(frame, layer.weight, layer.bias, padding=kernel // 2)
+                expected = F.conv2d(frame, layer.weight, layer.bias, padding=kernel // 2, groups=groups)
                 worst = (layer(frame) - expected).abs().max().item()
                 assert worst <= 1e-5 * expected.abs().max().item(), (in_channels, out_channels, top, worst)
-        assert layer._sparse_state.maps.pixel_weight.dim() == (3 if native.packs_weights() else 2)
+        packed = groups == 1 and native.packs_weights()
+        assert layer._sparse_state.maps.pixel_weight.dim() == (3 if packed else 2)
         assert layer.backend_stats()["sparse_frames"] == len(regions)
 
 

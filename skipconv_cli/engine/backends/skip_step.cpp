@@ -107,11 +107,28 @@ __attribute__((target("avx512f"))) void packed_rows(const float* a, int64_t lda,
   }
 }
 
+// One depthwise output pixel: acc[C] = bias + sum over taps of weight[tap] * tap_rows[tap], 16 channels at a
+// time in a register (the loop compiled for the baseline x86-64 ran 4 floats at a time).
+__attribute__((target("avx512f"))) void depthwise_pixel(float* acc, const float* bias, const float* weight,
+                                                        const float* const* tap_rows, int64_t taps,
+                                                        int64_t C) {
+  for (int64_t ch = 0; ch < C; ch += kPanel) {
+    const int64_t left = C - ch;
+    const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    __m512 sum = bias ? _mm512_maskz_loadu_ps(mask, bias + ch) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < taps; ++t)
+      sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, tap_rows[t] + ch),
+                            _mm512_maskz_loadu_ps(mask, weight + t * C + ch), sum);
+    _mm512_mask_storeu_ps(acc + ch, mask, sum);
+  }
+}
+
 bool packed_gemm_supported() {
   static const bool supported = __builtin_cpu_supports("avx512f");
   return supported;
 }
 #else
+void depthwise_pixel(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
 constexpr int64_t kPanel = 16;
 template <int P>
 void packed_rows(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, int64_t) {}
@@ -538,14 +555,23 @@ std::vector<int64_t> skip_step(
     if (groups != 1) {  // depthwise: matrix [taps, C], one output channel per input channel
       const float* wd = matrix.data_ptr<float>();
       const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+      const bool vector_taps = packed_gemm_supported();
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
         std::vector<float> acc(C);
+        std::vector<const float*> tap_rows(g.kh * g.kw);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t p = pixels[i];
           const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
+          float* a = acc.data();
+          if (vector_taps) {
+            for (int64_t ky = 0; ky < g.kh; ++ky)
+              for (int64_t kx = 0; kx < g.kw; ++kx) tap_rows[ky * g.kw + kx] = tap_pixel(n, oy, ox, ky, kx);
+            depthwise_pixel(a, bd, wd, tap_rows.data(), g.kh * g.kw, C);
+            write_row(zd + p * Co, a, Co, activation, lo, hi);
+            continue;
+          }
           if (bd) std::memcpy(acc.data(), bd, C * sizeof(float));
           else std::fill(acc.begin(), acc.end(), 0.f);
-          float* a = acc.data();
           for (int64_t ky = 0; ky < g.kh; ++ky)
             for (int64_t kx = 0; kx < g.kw; ++kx) {
               const float* src = tap_pixel(n, oy, ox, ky, kx);
