@@ -57,8 +57,8 @@ at::Tensor scratch(int slot, int64_t floats) {
   return buffer.narrow(0, 0, floats);
 }
 
-// The pixel path's matrix product on CPUs with AVX-512: rows of gathered receptive fields times the
-// weight, packed once per weight in panels of 16 output channels ([ceil(Co / 16), K, 16], zero padded), a
+// The pixel path's matrix product on CPUs with AVX-512: receptive fields (read in place) times the weight,
+// packed once per weight in panels of 16 output channels ([ceil(Co / 16), K, 16], zero padded), a
 // 6-row x 32-channel register tile per step. at::mm (MKL) ran the same products at 0.3-0.5x this speed on
 // the AMD EPYC these numbers come from (MKL takes its AVX2 code there: ~90 GMAC/s on 2 threads against
 // ~245 here, and ~200 for oneDNN's dense convolution), 2-7x on the few-row products of a calm frame.
@@ -68,19 +68,25 @@ at::Tensor scratch(int slot, int64_t floats) {
 constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
 constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
 
+// rows [R] x segments: row r's k-th value is segments[r * count + k / length][k % length]
 template <int R, int P>
-__attribute__((target("avx512f"))) void packed_tile(const float* a, int64_t lda, int64_t K,
-                                                    const float* panel, float* c, int64_t ldc,
-                                                    int64_t cols) {
+__attribute__((target("avx512f"))) void packed_tile(const float* const* segments, int64_t count,
+                                                    int64_t length, const float* panel, int64_t K,
+                                                    float* c, int64_t ldc, int64_t cols) {
   __m512 acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 w[P];
-    for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_ps(panel + (p * K + k) * kPanel);
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(x, w[p], acc[r][p]);
+  for (int64_t s = 0; s < count; ++s) {
+    const float* row[R];
+    for (int r = 0; r < R; ++r) row[r] = segments[r * count + s];
+    const float* w = panel + s * length * kPanel;
+    for (int64_t k = 0; k < length; ++k) {
+      __m512 weights[P];
+      for (int p = 0; p < P; ++p) weights[p] = _mm512_loadu_ps(w + (p * K + k) * kPanel);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(row[r][k]);
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(x, weights[p], acc[r][p]);
+      }
     }
   }
   for (int p = 0; p < P; ++p) {
@@ -91,18 +97,20 @@ __attribute__((target("avx512f"))) void packed_tile(const float* a, int64_t lda,
 }
 
 template <int P>
-__attribute__((target("avx512f"))) void packed_rows(const float* a, int64_t lda, int64_t rows, int64_t K,
-                                                    const float* panel, float* c, int64_t ldc,
-                                                    int64_t cols) {
+__attribute__((target("avx512f"))) void packed_rows(const float* const* segments, int64_t count,
+                                                    int64_t length, int64_t rows, const float* panel,
+                                                    int64_t K, float* c, int64_t ldc, int64_t cols) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows)
-    packed_tile<kRows, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols);
+    packed_tile<kRows, P>(segments + r * count, count, length, panel, K, c + r * ldc, ldc, cols);
+  const float* const* rest = segments + r * count;
+  float* out = c + r * ldc;
   switch (rows - r) {
-    case 5: packed_tile<5, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
-    case 4: packed_tile<4, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
-    case 3: packed_tile<3, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
-    case 2: packed_tile<2, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
-    case 1: packed_tile<1, P>(a + r * lda, lda, K, panel, c + r * ldc, ldc, cols); break;
+    case 5: packed_tile<5, P>(rest, count, length, panel, K, out, ldc, cols); break;
+    case 4: packed_tile<4, P>(rest, count, length, panel, K, out, ldc, cols); break;
+    case 3: packed_tile<3, P>(rest, count, length, panel, K, out, ldc, cols); break;
+    case 2: packed_tile<2, P>(rest, count, length, panel, K, out, ldc, cols); break;
+    case 1: packed_tile<1, P>(rest, count, length, panel, K, out, ldc, cols); break;
     default: break;
   }
 }
@@ -131,12 +139,17 @@ bool packed_gemm_supported() {
 void depthwise_pixel(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
 constexpr int64_t kPanel = 16;
 template <int P>
-void packed_rows(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, int64_t) {}
+void packed_rows(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                 int64_t) {}
 bool packed_gemm_supported() { return false; }
 #endif
 
-// c[m, Co] = a[m, K] x W^T where packed holds W [Co, K] as panels [ceil(Co / 16), K, 16] (zero padded).
-void packed_gemm(const float* a, int64_t m, int64_t K, const float* packed, int64_t Co, float* c) {
+// c[m, Co] = a[m, K] x W^T, where row i of a is the concatenation of the `count` segments of `length`
+// floats that segments[i * count ...] point to (a receptive field's rows in the padded input, read where
+// they lie: no gathered copy), and packed holds W [Co, K] as panels [ceil(Co / 16), K, 16] (zero padded).
+void packed_gemm(const float* const* segments, int64_t count, int64_t length, int64_t m,
+                 const float* packed, int64_t Co, float* c) {
+  const int64_t K = count * length;
   const int64_t panels = (Co + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
   const int64_t row_blocks = (m + 4 * kRows - 1) / (4 * kRows);  // 24 rows per work item
   const int64_t items = pairs * row_blocks;
@@ -148,8 +161,10 @@ void packed_gemm(const float* a, int64_t m, int64_t K, const float* packed, int6
       const int64_t r0 = block * 4 * kRows, rows = std::min<int64_t>(4 * kRows, m - r0);
       const int64_t col0 = pair * 2 * kPanel, cols = std::min<int64_t>(2 * kPanel, Co - col0);
       const float* panel = packed + pair * 2 * K * kPanel;
-      if (cols > kPanel) packed_rows<2>(a + r0 * K, K, rows, K, panel, c + r0 * Co + col0, Co, cols);
-      else packed_rows<1>(a + r0 * K, K, rows, K, panel, c + r0 * Co + col0, Co, cols);
+      const float* const* first = segments + r0 * count;
+      float* out = c + r0 * Co + col0;
+      if (cols > kPanel) packed_rows<2>(first, count, length, rows, panel, K, out, Co, cols);
+      else packed_rows<1>(first, count, length, rows, panel, K, out, Co, cols);
     }
   });
 }
@@ -584,28 +599,37 @@ std::vector<int64_t> skip_step(
       });
       return m;
     }
-    at::Tensor columns = scratch(0, m * row_len).view({m, row_len});
-    float* cd = columns.data_ptr<float>();
     // a kernel row's taps are adjacent pixels, C contiguous floats each, when the kernel is not dilated
     const int64_t run = g.dw == 1 ? g.kw * C : C, runs_per_row = g.dw == 1 ? 1 : g.kw;
-    at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+    at::Tensor out = scratch(1, m * Co).view({m, Co});
+    if (matrix.dim() == 3) {  // packed panels: the product reads the receptive fields in place
+      const int64_t runs = g.kh * runs_per_row;
+      std::vector<const float*> segments(m * runs);
+      for (int64_t i = 0; i < m; ++i) {
         const int64_t p = pixels[i];
         const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
-        float* dst = cd + i * row_len;
         for (int64_t ky = 0; ky < g.kh; ++ky)
-          for (int64_t kx = 0; kx < runs_per_row; ++kx, dst += run)
-            std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), run * sizeof(float));
+          for (int64_t kx = 0; kx < runs_per_row; ++kx)
+            segments[i * runs + ky * runs_per_row + kx] = tap_pixel(n, oy, ox, ky, kx);
       }
-    });
-    // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
-    // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
-    at::Tensor out = scratch(1, m * Co).view({m, Co});
-    if (matrix.dim() == 3) {  // packed panels (packed_gemm)
-      packed_gemm(cd, m, row_len, matrix.data_ptr<float>(), Co, out.data_ptr<float>());
-    } else {  // the [Co, K] weight, read transposed (as fast as a [K, Co] copy)
+      packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, out.data_ptr<float>());
+    } else {  // receptive fields gathered as rows, times the [Co, K] weight read transposed
+      at::Tensor columns = scratch(0, m * row_len).view({m, row_len});
+      float* cd = columns.data_ptr<float>();
+      at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t p = pixels[i];
+          const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
+          float* dst = cd + i * row_len;
+          for (int64_t ky = 0; ky < g.kh; ++ky)
+            for (int64_t kx = 0; kx < runs_per_row; ++kx, dst += run)
+              std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), run * sizeof(float));
+        }
+      });
       at::mm_out(out, columns, matrix.t());
     }
+    // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
+    // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
     const float* outd = out.data_ptr<float>();
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {
