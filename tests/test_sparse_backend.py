@@ -237,11 +237,16 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
     assert 0 < total["1"] < total["0"]
 
 
+@pytest.mark.parametrize("packed", ["1", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pixel_path_products_are_exact_for_any_row_and_channel_count(threads: int) -> None:
-    """The pixel path's products (ungrouped: packed AVX-512 panels where the CPU has them, else at::mm;
-    depthwise: 16 channels a register there) over changes of 1 to all output pixels and channel counts off
-    their 16-channel registers: at threshold 0 each frame's output is the dense convolution's."""
+def test_pixel_path_products_are_exact_for_any_row_and_channel_count(
+    threads: int, packed: str, monkeypatch
+) -> None:
+    """The pixel path's products (ungrouped: packed AVX-512 panels where the CPU has them, else at::mm on
+    the weight itself, the path other CPUs take; depthwise: 16 channels a register there) over changes of 1
+    to all output pixels and channel counts off their 16-channel registers: at threshold 0 each frame's
+    output is the dense convolution's."""
+    monkeypatch.setenv("SKIPCONV_PACKED", packed)
     torch.set_num_threads(threads)
     try:
         check_pixel_products(torch.Generator().manual_seed(threads))

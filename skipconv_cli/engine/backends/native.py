@@ -89,9 +89,15 @@ def mean_abs(map: torch.Tensor) -> torch.Tensor:
     return map.detach().abs().mean(dims, keepdim=True)
 
 
-@functools.cache
 def packs_weights() -> bool:
-    """Whether the kernel's pixel path multiplies packed weight panels (an x86 CPU with AVX-512)."""
+    """Whether the kernel's pixel path multiplies packed weight panels (an x86 CPU with AVX-512);
+    ``SKIPCONV_PACKED=0`` turns them off (``at::mm`` on the weight itself: A/B runs, and the tests of the
+    path other CPUs take)."""
+    return os.environ.get("SKIPCONV_PACKED", "1") != "0" and _cpu_packs_weights()
+
+
+@functools.cache
+def _cpu_packs_weights() -> bool:
     kernel = extension()
     return kernel is not None and bool(kernel.packs_weights())
 

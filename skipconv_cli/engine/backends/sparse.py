@@ -755,7 +755,8 @@ WEIGHT_LAYOUTS = "_weight_layouts"  # the layer's attribute that holds them
 def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
     weight = layer.weight
     pixels = pixel_path(layer)
-    key = (weight.data_ptr(), weight._version, weight.device, pixels)
+    packed = pixels and layer.groups == 1 and native.packs_weights()
+    key = (weight.data_ptr(), weight._version, weight.device, pixels, packed)
     known = layer.__dict__.get(WEIGHT_LAYOUTS)
     if known is not None and known.key == key:
         return known
@@ -765,7 +766,7 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
             w = weight.detach().float()
             if layer.groups == 1:  # [C_out, kh * kw * C]: a view of the channels_last weight, no copy
                 matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-                if native.packs_weights():
+                if packed:
                     matrix = packed_panels(matrix)
             else:
                 matrix = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0]).contiguous()
