@@ -62,7 +62,8 @@ at::Tensor scratch(int slot, int64_t floats) {
 // 6-row x 32-channel register tile per step. at::mm (MKL) ran the same products at 0.3-0.5x this speed on
 // the AMD EPYC these numbers come from (MKL takes its AVX2 code there: ~90 GMAC/s on 2 threads against
 // ~245 here, and ~200 for oneDNN's dense convolution), 2-7x on the few-row products of a calm frame.
-// Compiled for AVX-512 function by function and chosen at run time: the extension runs on any x86 CPU.
+// Compiled for AVX-512 function by function and chosen at run time (has_avx512): the extension runs on any
+// x86 CPU.
 
 #if defined(__x86_64__)
 constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
@@ -131,7 +132,7 @@ __attribute__((target("avx512f"))) void depthwise_pixel(float* acc, const float*
   }
 }
 
-bool packed_gemm_supported() {
+bool has_avx512() {
   static const bool supported = __builtin_cpu_supports("avx512f");
   return supported;
 }
@@ -141,7 +142,7 @@ constexpr int64_t kPanel = 16;
 template <int P>
 void packed_rows(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t,
                  int64_t) {}
-bool packed_gemm_supported() { return false; }
+bool has_avx512() { return false; }
 #endif
 
 // c[m, Co] = a[m, K] x W^T, where row i of a is the concatenation of the `count` segments of `length`
@@ -251,9 +252,10 @@ inline void write_row(float* dst, const float* src, const float* bias, int64_t c
 // convolution computed (halo and overlap of tiles included).
 // pixel_weight (optional): recompute output pixels instead of tiles. Ungrouped convs (float [Co, kh * kw *
 // C], the channels_last weight's own memory, or its packed panels, see packed_gemm): the written outputs'
-// receptive fields gathered as rows (im2col of those pixels only) and one matrix product. Depthwise convs (float [kh * kw, C]): per pixel,
-// the taps' channel rows times their weights, summed in registers. No tile covers more than its gated
-// blocks, no halo is convolved, and nothing builds a kernel per batch size as oneDNN's convolution does.
+// receptive fields (those pixels only) times the weight in one matrix product. Depthwise convs (float
+// [kh * kw, C]): per pixel, the taps' channel rows times their weights, summed in registers. No tile covers
+// more than its gated blocks, no halo is convolved, and nothing builds a kernel per batch size as oneDNN's
+// convolution does.
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
 // activation (an Activation) with bounds lo, hi (clamp): applied to every written output, so that z holds
 // the activated output and the activation follows the sparsity.
@@ -570,7 +572,7 @@ std::vector<int64_t> skip_step(
     if (groups != 1) {  // depthwise: matrix [taps, C], one output channel per input channel
       const float* wd = matrix.data_ptr<float>();
       const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-      const bool vector_taps = packed_gemm_supported();
+      const bool vector_taps = has_avx512();
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
         std::vector<float> acc(C);
         std::vector<const float*> tap_rows(g.kh * g.kw);
@@ -957,5 +959,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("concat_marked", &concat_marked, "A channel concatenation rewritten where its inputs changed");
   m.def("pad_marked", &pad_marked, "A zero padding rewritten where its input changed");
   m.def("mean_abs", &mean_abs, "The mean |value| of each sample of a dense float map");
-  m.def("packs_weights", &packed_gemm_supported, "Whether the pixel path multiplies packed weight panels");
+  m.def("packs_weights", &has_avx512, "Whether the pixel path multiplies packed weight panels");
 }

@@ -64,7 +64,7 @@ TUNE_REPEATS = 3
 CROSSOVER_REPEATS = 5  # timed runs per point of a crossover, the shortest kept (see measure_crossover)
 MEASUREMENT = 4  # how crossovers are measured: a new one is in the tuning key, so old caches are not read
 # written before each timed run on the CPU, so that the run finds the layer's state and weights as it does
-# inside the model, where every other layer ran in between (see _median_time): 4x what the layer holds, at
+# inside the model, where every other layer ran in between (see _measured_time): 4x what the layer holds, at
 # most this (larger than a core's L2)
 EVICT_BYTES = 16 << 20
 # a layer whose crossover is lower runs plain dense convolutions: no gate, no state (the gate alone costs
@@ -502,7 +502,7 @@ def plain_seconds(layer: SkipConv2d, x: torch.Tensor) -> float:
     would have corrected it."""
     key = memory_key(layer, x)
     if key not in _PLAIN_SECONDS:
-        _PLAIN_SECONDS[key] = _median_time(lambda: plain_conv(layer, x), x.device, layer=layer, warm=x)
+        _PLAIN_SECONDS[key] = _measured_time(lambda: plain_conv(layer, x), x.device, layer=layer, warm=x)
     return _PLAIN_SECONDS[key]
 
 
@@ -730,8 +730,8 @@ def pixel_matrix(layer: SkipConv2d) -> torch.Tensor | None:
     """The weight as the C++ step's pixel path reads it: for an ungrouped conv [C_out, kh * kw * C] (the
     channels_last weight itself) or, where the step multiplies packed panels (AVX-512), those
     (``packed_panels``, a copy); [kh * kw, C] for a depthwise one (a copy). There the outputs to write are
-    recomputed one pixel each (receptive fields gathered as rows and one matrix product; depthwise: tap
-    rows times weights) instead of as tiles of a batched convolution. Measured on HRNet-w32's and the
+    recomputed one pixel each (their receptive fields times the weight in one matrix product; depthwise:
+    tap rows times weights) instead of as tiles of a batched convolution. Measured on HRNet-w32's and the
     mobile models' ungrouped layers at 5-30% active outputs: 1.5-4x faster than the tiles, which cover
     whole 8x8 tiles for 4x4 blocks, convolve a halo, and run oneDNN on stacks of small patches. Other
     grouped convs keep the tiles."""
@@ -1058,15 +1058,16 @@ def crossover_for(layer: SkipConv2d, state: SparseState) -> float:
     return _MEMORY_CACHE[in_memory]
 
 
-def _median_time(
+def _measured_time(
     fn,
     device: torch.device,
     repeats: int = TUNE_REPEATS,
     layer: SkipConv2d | None = None,
     warm: torch.Tensor | None = None,
-    least: bool = False,
+    shortest: bool = False,
 ) -> float:
-    """The median time of ``fn`` after a warm-up run (``least``: the shortest, see ``measure_crossover``).
+    """The median time of ``repeats`` runs of ``fn`` after a warm-up run (``shortest``: the shortest, see
+    ``measure_crossover``).
     On the CPU each timed run of a ``layer``'s work finds the caches as its call inside the model does: its
     state and weights evicted by the other layers' work (a buffer of 4x their size written first), only its
     input (``warm``, just written by the layer before) read back. Timed hot, a sparse step or a convolution
@@ -1091,7 +1092,7 @@ def _median_time(
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return min(times) if least else sorted(times)[len(times) // 2]
+    return min(times) if shortest else sorted(times)[len(times) // 2]
 
 
 @functools.cache
@@ -1121,7 +1122,7 @@ def measure_crossover(layer: SkipConv2d, state: SparseState) -> float:
     """
 
     def timed(fn, warm: torch.Tensor | None = None) -> float:
-        return _median_time(fn, device, CROSSOVER_REPEATS, layer=layer, warm=warm, least=True)
+        return _measured_time(fn, device, CROSSOVER_REPEATS, layer=layer, warm=warm, shortest=True)
 
     with torch.no_grad():
         plan, device = state.plan, state.x_pad.device
