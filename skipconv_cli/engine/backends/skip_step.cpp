@@ -54,7 +54,7 @@ at::Tensor scratch(int slot, int64_t floats) {
   if (!buffer.defined() || buffer.numel() < floats)
     buffer = at::empty({std::min(kScratchFloats, std::max(floats, 2 * (buffer.defined() ? buffer.numel() : 0)))},
                        at::kFloat);
-  return buffer.narrow(0, 0, floats);
+  return buffer;  // (at least `floats` long: a narrowed view cost ~2.4 us of dispatch, a few hundred a frame)
 }
 
 // The pixel path's matrix product on CPUs with AVX-512: receptive fields (read in place) times the weight,
@@ -603,7 +603,7 @@ std::vector<int64_t> skip_step(
     }
     // a kernel row's taps are adjacent pixels, C contiguous floats each, when the kernel is not dilated
     const int64_t run = g.dw == 1 ? g.kw * C : C, runs_per_row = g.dw == 1 ? 1 : g.kw;
-    at::Tensor out = scratch(1, m * Co).view({m, Co});
+    at::Tensor out = scratch(1, m * Co);
     if (matrix.dim() == 3) {  // packed panels: the product reads the receptive fields in place
       const int64_t runs = g.kh * runs_per_row;
       std::vector<const float*> segments(m * runs);
@@ -616,7 +616,7 @@ std::vector<int64_t> skip_step(
       }
       packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, out.data_ptr<float>());
     } else {  // receptive fields gathered as rows, times the [Co, K] weight read transposed
-      at::Tensor columns = scratch(0, m * row_len).view({m, row_len});
+      at::Tensor columns = scratch(0, m * row_len).narrow(0, 0, m * row_len).view({m, row_len});
       float* cd = columns.data_ptr<float>();
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -628,7 +628,8 @@ std::vector<int64_t> skip_step(
               std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), run * sizeof(float));
         }
       });
-      at::mm_out(out, columns, matrix.t());
+      at::Tensor rows = out.narrow(0, 0, m * Co).view({m, Co});
+      at::mm_out(rows, columns, matrix.t());
     }
     // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
     // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
