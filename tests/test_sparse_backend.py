@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import skipconv_cli as sc
+from skipconv_cli.engine.activations import CLAMP, SILU, activate_
 from skipconv_cli.engine.backends import native, sparse
 from skipconv_cli.engine.gates import BLOCK_SIZES, GATES
 from tests.archs import ARCHITECTURES, build, plain_net
@@ -239,13 +240,14 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
 
 @pytest.mark.parametrize("packed", ["1", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pixel_path_products_are_exact_for_any_row_and_channel_count(
+def test_pixel_path_products_are_exact_for_any_row_channel_count_and_activation(
     threads: int, packed: str, monkeypatch
 ) -> None:
     """The pixel path's products (ungrouped: packed AVX-512 panels where the CPU has them, else at::mm on
     the weight itself, the path other CPUs take; depthwise: 16 channels a register there) over changes of 1
-    to all output pixels and channel counts off their 16-channel registers: at threshold 0 each frame's
-    output is the dense convolution's."""
+    to all output pixels, channel counts off their 16-channel registers, with and without bias and fused
+    activation (the packed product adds the bias and clamps as it stores): at threshold 0 each frame's output
+    is the dense convolution's."""
     monkeypatch.setenv("SKIPCONV_PACKED", packed)
     torch.set_num_threads(threads)
     try:
@@ -263,22 +265,33 @@ def check_pixel_products(generator: torch.Generator) -> None:
         (0, 24, 0, 40),
         (20, 24, 36, 40),
     ]
-    shapes = [(5, 37, 3, 1), (64, 16, 1, 1), (3, 96, 3, 1), (40, 33, 1, 1), (8, 7, 3, 1), (37, 37, 3, 37)]
-    shapes += [(16, 16, 3, 16), (5, 5, 5, 5)]
-    for in_channels, out_channels, kernel, groups in shapes:
+    relu6, silu = (CLAMP, 0.0, 6.0), (SILU, 0.0, 0.0)
+    shapes = [(5, 37, 3, 1, None, True), (64, 16, 1, 1, relu6, True), (3, 96, 3, 1, silu, True)]
+    shapes += [(40, 33, 1, 1, relu6, False), (8, 7, 3, 1, None, False), (37, 37, 3, 37, relu6, True)]
+    shapes += [(16, 16, 3, 16, silu, True), (5, 5, 5, 5, None, True)]
+    for in_channels, out_channels, kernel, groups, activation, bias in shapes:
         layer = sc.SkipConv2d(
-            in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, threshold=0.0, block=4
+            in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, bias=bias, threshold=0.0,
+            block=4,
+        )  # fmt: skip
+        layer.fused_activation = (
+            activation  # (as ``fuse_activations`` sets it: applied as outputs are written)
         )
         layer.crossover = 1.0  # every frame on the pixel path, however much changed
-        frame = torch.rand(1, in_channels, 24, 40, generator=generator)
+        # inputs up to 10: outputs on both sides of ReLU6's bounds
+        frame = 10 * torch.rand(1, in_channels, 24, 40, generator=generator)
         with torch.no_grad():
             layer(frame)
             for top, bottom, left, right in regions:
                 frame = frame.clone()
-                frame[..., top:bottom, left:right] = torch.rand(
+                frame[..., top:bottom, left:right] = 10 * torch.rand(
                     1, in_channels, bottom - top, right - left, generator=generator
                 )
                 expected = F.conv2d(frame, layer.weight, layer.bias, padding=kernel // 2, groups=groups)
+                if activation == relu6:
+                    assert (expected < 0).any() and (expected > 6).any(), "both bounds are exercised"
+                if activation is not None:
+                    activate_(expected, activation)
                 worst = (layer(frame) - expected).abs().max().item()
                 assert worst <= 1e-5 * expected.abs().max().item(), (in_channels, out_channels, top, worst)
         packed = groups == 1 and native.packs_weights()

@@ -69,11 +69,21 @@ at::Tensor scratch(int slot, int64_t floats) {
 constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
 constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
 
-// rows [R] x segments: row r's k-th value is segments[r * count + k / length][k % length]
+// What the product's rows get before they are stored: the bias added, then clamped to [lo, hi] (a fused
+// ReLU/ReLU6) when `clamp`.
+struct Epilogue {
+  const float* bias;
+  bool clamp;
+  float lo, hi;
+};
+
+// rows [R] x segments: row r's k-th value is segments[r * count + k / length][k % length]; row r of the
+// result goes to out[r] + col0 (channels col0 .. col0 + cols)
 template <int R, int P>
 __attribute__((target("avx512f"))) void packed_tile(const float* const* segments, int64_t count,
                                                     int64_t length, const float* panel, int64_t K,
-                                                    float* c, int64_t ldc, int64_t cols) {
+                                                    float* const* out, int64_t col0, int64_t cols,
+                                                    const Epilogue& epilogue) {
   __m512 acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -91,27 +101,34 @@ __attribute__((target("avx512f"))) void packed_tile(const float* const* segments
     }
   }
   for (int p = 0; p < P; ++p) {
-    const int64_t left = cols - p * kPanel;
+    const int64_t left = cols - p * kPanel, col = col0 + p * kPanel;
     const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mask, acc[r][p]);
+    const __m512 bias = epilogue.bias ? _mm512_maskz_loadu_ps(mask, epilogue.bias + col) : _mm512_setzero_ps();
+    const __m512 lo = _mm512_set1_ps(epilogue.lo), hi = _mm512_set1_ps(epilogue.hi);
+    for (int r = 0; r < R; ++r) {
+      __m512 value = _mm512_add_ps(acc[r][p], bias);
+      if (epilogue.clamp) value = _mm512_min_ps(_mm512_max_ps(value, lo), hi);
+      _mm512_mask_storeu_ps(out[r] + col, mask, value);
+    }
   }
 }
 
 template <int P>
 __attribute__((target("avx512f"))) void packed_rows(const float* const* segments, int64_t count,
                                                     int64_t length, int64_t rows, const float* panel,
-                                                    int64_t K, float* c, int64_t ldc, int64_t cols) {
+                                                    int64_t K, float* const* out, int64_t col0,
+                                                    int64_t cols, const Epilogue& epilogue) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows)
-    packed_tile<kRows, P>(segments + r * count, count, length, panel, K, c + r * ldc, ldc, cols);
+    packed_tile<kRows, P>(segments + r * count, count, length, panel, K, out + r, col0, cols, epilogue);
   const float* const* rest = segments + r * count;
-  float* out = c + r * ldc;
+  float* const* to = out + r;
   switch (rows - r) {
-    case 5: packed_tile<5, P>(rest, count, length, panel, K, out, ldc, cols); break;
-    case 4: packed_tile<4, P>(rest, count, length, panel, K, out, ldc, cols); break;
-    case 3: packed_tile<3, P>(rest, count, length, panel, K, out, ldc, cols); break;
-    case 2: packed_tile<2, P>(rest, count, length, panel, K, out, ldc, cols); break;
-    case 1: packed_tile<1, P>(rest, count, length, panel, K, out, ldc, cols); break;
+    case 5: packed_tile<5, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 4: packed_tile<4, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 3: packed_tile<3, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 2: packed_tile<2, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 1: packed_tile<1, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
     default: break;
   }
 }
@@ -137,19 +154,25 @@ bool has_avx512() {
   return supported;
 }
 #else
+struct Epilogue {
+  const float* bias;
+  bool clamp;
+  float lo, hi;
+};
 void depthwise_pixel(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
 constexpr int64_t kPanel = 16;
 template <int P>
-void packed_rows(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t,
-                 int64_t) {}
+void packed_rows(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float* const*,
+                 int64_t, int64_t, const Epilogue&) {}
 bool has_avx512() { return false; }
 #endif
 
-// c[m, Co] = a[m, K] x W^T, where row i of a is the concatenation of the `count` segments of `length`
-// floats that segments[i * count ...] point to (a receptive field's rows in the padded input, read where
-// they lie: no gathered copy), and packed holds W [Co, K] as panels [ceil(Co / 16), K, 16] (zero padded).
+// out[i][0 .. Co) = epilogue(a[i] x W^T) for the m rows, where row i of a is the concatenation of the
+// `count` segments of `length` floats that segments[i * count ...] point to (a receptive field's rows in the
+// padded input, read where they lie: no gathered copy), and packed holds W [Co, K] as panels
+// [ceil(Co / 16), K, 16] (zero padded). out[i] may be the output pixel's row itself: no write-back pass.
 void packed_gemm(const float* const* segments, int64_t count, int64_t length, int64_t m,
-                 const float* packed, int64_t Co, float* c) {
+                 const float* packed, int64_t Co, float* const* out, const Epilogue& epilogue) {
   const int64_t K = count * length;
   const int64_t panels = (Co + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
   const int64_t row_blocks = (m + 4 * kRows - 1) / (4 * kRows);  // 24 rows per work item
@@ -163,9 +186,8 @@ void packed_gemm(const float* const* segments, int64_t count, int64_t length, in
       const int64_t col0 = pair * 2 * kPanel, cols = std::min<int64_t>(2 * kPanel, Co - col0);
       const float* panel = packed + pair * 2 * K * kPanel;
       const float* const* first = segments + r0 * count;
-      float* out = c + r0 * Co + col0;
-      if (cols > kPanel) packed_rows<2>(first, count, length, rows, panel, K, out, Co, cols);
-      else packed_rows<1>(first, count, length, rows, panel, K, out, Co, cols);
+      if (cols > kPanel) packed_rows<2>(first, count, length, rows, panel, K, out + r0, col0, cols, epilogue);
+      else packed_rows<1>(first, count, length, rows, panel, K, out + r0, col0, cols, epilogue);
     }
   });
 }
@@ -604,17 +626,24 @@ std::vector<int64_t> skip_step(
     // a kernel row's taps are adjacent pixels, C contiguous floats each, when the kernel is not dilated
     const int64_t run = g.dw == 1 ? g.kw * C : C, runs_per_row = g.dw == 1 ? 1 : g.kw;
     at::Tensor out = scratch(1, m * Co);
+    const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     if (matrix.dim() == 3) {  // packed panels: the product reads the receptive fields in place
       const int64_t runs = g.kh * runs_per_row;
       std::vector<const float*> segments(m * runs);
+      // bias and clamp are applied as the rows are stored, straight into z; SiLU's exp is left to write_row
+      const bool into_z = activation != kSilu;
+      std::vector<float*> rows(m);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t p = pixels[i];
         const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
         for (int64_t ky = 0; ky < g.kh; ++ky)
           for (int64_t kx = 0; kx < runs_per_row; ++kx)
             segments[i * runs + ky * runs_per_row + kx] = tap_pixel(n, oy, ox, ky, kx);
+        rows[i] = into_z ? zd + p * Co : out.data_ptr<float>() + i * Co;
       }
-      packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, out.data_ptr<float>());
+      const Epilogue epilogue{into_z ? bd : nullptr, into_z && activation == kClamp, lo, hi};
+      packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, rows.data(), epilogue);
+      if (into_z) return m;
     } else {  // receptive fields gathered as rows, times the [Co, K] weight read transposed
       at::Tensor columns = scratch(0, m * row_len).narrow(0, 0, m * row_len).view({m, row_len});
       float* cd = columns.data_ptr<float>();
@@ -634,7 +663,6 @@ std::vector<int64_t> skip_step(
     // the bias is added on the write-back (the row is in L1 there): addmm's broadcast of it into the
     // output first cost 8-13 us a call for 50-160 rows of 128 channels, a quarter of the product
     const float* outd = out.data_ptr<float>();
-    const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     at::parallel_for(0, m, grain_rows(Co), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         write_row(zd + pixels[i] * Co, outd + i * Co, bd, Co, activation, lo, hi);
