@@ -219,11 +219,6 @@ inline float support_at(const float* map, const Geometry& g, int64_t oy, int64_t
   return fold_taps(map, g, oy, ox, 0.f, [](float a, float b) { return a + b; });
 }
 
-// the largest value under the taps of output (oy, ox)
-inline uint8_t max_at(const uint8_t* map, const Geometry& g, int64_t oy, int64_t ox) {
-  return fold_taps(map, g, oy, ox, uint8_t(0), [](uint8_t a, uint8_t b) { return a > b ? a : b; });
-}
-
 }  // namespace
 
 // What a fused activation (the op that consumed the layer's output alone) does to a written output row.
@@ -561,6 +556,11 @@ std::vector<int64_t> skip_step(
   const int64_t computed = at::parallel_reduce(
         0, g.n * g.ho, grain_for(g.n * g.ho, grain_rows(g.wo * g.kh * g.kw), footprint_work), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
+          // the largest owned-map value under each output's taps, separated: first per input column over
+          // the kernel's tap rows (a pass a vector unit does whole), then over each output's taps along
+          // the row (folding all taps per output, with their bounds checks, cost 13 us a step on
+          // HRNet-w32's 64x64 maps)
+          std::vector<uint8_t> column(g.w);
           for (int64_t row = begin; row < end; ++row) {
             const int64_t n = row / g.ho, oy = row % g.ho;
             const uint8_t* map = od + n * g.h * g.w;
@@ -569,9 +569,28 @@ std::vector<int64_t> skip_step(
               std::memset(mrow, 0, g.wo);
               continue;
             }
+            std::fill(column.begin(), column.end(), uint8_t(0));
+            for (int64_t ky = 0; ky < g.kh; ++ky) {
+              const int64_t y = oy * g.sh - g.ph + ky * g.dh;
+              if (y < 0 || y >= g.h) continue;
+              const uint8_t* src = map + y * g.w;
+              uint8_t* dst = column.data();
+#pragma omp simd
+              for (int64_t x = 0; x < g.w; ++x) dst[x] = std::max(dst[x], src[x]);
+            }
             for (int64_t ox = 0; ox < g.wo; ++ox) {
-              mrow[ox] = max_at(map, g, oy, ox);
-              partial += mrow[ox] > 0;
+              const int64_t x0 = ox * g.sw - g.pw;
+              uint8_t value = 0;
+              if (x0 >= 0 && x0 + (g.kw - 1) * g.dw < g.w) {
+                for (int64_t kx = 0; kx < g.kw; ++kx) value = std::max(value, column[x0 + kx * g.dw]);
+              } else {
+                for (int64_t kx = 0; kx < g.kw; ++kx) {
+                  const int64_t x = x0 + kx * g.dw;
+                  if (x >= 0 && x < g.w) value = std::max(value, column[x]);
+                }
+              }
+              mrow[ox] = value;
+              partial += value > 0;
             }
           }
           return partial;
