@@ -604,9 +604,18 @@ std::vector<int64_t> skip_step(
     return pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
   };
   auto recompute_pixels = [&](const at::Tensor& matrix) -> int64_t {
-    std::vector<int64_t> pixels;  // flat (n, oy, ox)
-    for (int64_t p = 0; p < g.n * g.ho * g.wo; ++p)
-      if (md[p] == 2) pixels.push_back(p);
+    std::vector<int64_t> pixels;  // flat (n, oy, ox); only footprint rows hold any
+    std::vector<const float*> fields;  // each one's receptive field: its first tap in x_pad
+    for (int64_t row = 0; row < g.n * g.ho; ++row) {
+      if (!footprint_rows[row]) continue;
+      const uint8_t* mrow = md + row * g.wo;
+      const float* first = pad_pixel(row / g.ho, row % g.ho * g.sh, 0);
+      for (int64_t ox = 0; ox < g.wo; ++ox) {
+        if (mrow[ox] != 2) continue;
+        pixels.push_back(row * g.wo + ox);
+        fields.push_back(first + ox * g.sw * C);
+      }
+    }
     const int64_t m = static_cast<int64_t>(pixels.size());
     if (m == 0) return 0;
     const int64_t taps = g.kh * g.kw, row_len = taps * C;
@@ -648,17 +657,18 @@ std::vector<int64_t> skip_step(
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     if (matrix.dim() == 3) {  // packed panels: the product reads the receptive fields in place
       const int64_t runs = g.kh * runs_per_row;
+      std::vector<int64_t> run_offsets(runs);  // from a receptive field's first tap, in floats
+      for (int64_t ky = 0; ky < g.kh; ++ky)
+        for (int64_t kx = 0; kx < runs_per_row; ++kx)
+          run_offsets[ky * runs_per_row + kx] = (ky * g.dh * g.wp + kx * g.dw) * C;
       std::vector<const float*> segments(m * runs);
       // bias and clamp are applied as the rows are stored, straight into z; SiLU's exp is left to write_row
       const bool into_z = activation != kSilu;
+      float* scratch_rows = out.data_ptr<float>();
       std::vector<float*> rows(m);
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = pixels[i];
-        const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
-        for (int64_t ky = 0; ky < g.kh; ++ky)
-          for (int64_t kx = 0; kx < runs_per_row; ++kx)
-            segments[i * runs + ky * runs_per_row + kx] = tap_pixel(n, oy, ox, ky, kx);
-        rows[i] = into_z ? zd + p * Co : out.data_ptr<float>() + i * Co;
+        for (int64_t j = 0; j < runs; ++j) segments[i * runs + j] = fields[i] + run_offsets[j];
+        rows[i] = into_z ? zd + pixels[i] * Co : scratch_rows + i * Co;
       }
       const Epilogue epilogue{into_z ? bd : nullptr, into_z && activation == kClamp, lo, hi};
       packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, rows.data(), epilogue);
