@@ -90,6 +90,7 @@ def test_run_compares_with_the_same_dense_baseline_as_profile(videos_dir) -> Non
     # the unconverted hrnet-w32 has 292 BatchNorms and runs NCHW: a slower dense model than profile's
     from torch import nn
 
+    from skipconv_cli.engine.onednn import OneDNNConv2d
     from skipconv_cli.models.factory import create_model, resolve_spec
     from skipconv_cli.pipeline.runner import DenseComparison, Predictor, SkipSettings, skip_model
     from tests.conftest import read_frames
@@ -100,6 +101,8 @@ def test_run_compares_with_the_same_dense_baseline_as_profile(videos_dir) -> Non
     assert not any(isinstance(m, nn.BatchNorm2d) for m in dense.model.modules())
     convs = [m for m in dense.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # small maps on oneDNN, not PyTorch's slower native kernel (engine.onednn)
+    assert all(type(c) is OneDNNConv2d for c in convs)
     frame = read_frames(videos_dir / "one-by-one-person-detection.mp4", 1, start=1250)[0]
     x = loaded.spec.preprocess(frame, (256, 256))[0]
     with torch.no_grad():

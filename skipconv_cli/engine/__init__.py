@@ -12,6 +12,7 @@ from skipconv_cli.engine.convert import (
     skip_layers,
 )
 from skipconv_cli.engine.elementwise import FollowsSparsity, register_zero_pad
+from skipconv_cli.engine.onednn import use_onednn
 from skipconv_cli.engine.skip_conv import SkipConv2d
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "set_backend",
     "set_thresholds",
     "skip_layers",
+    "use_onednn",
 ]

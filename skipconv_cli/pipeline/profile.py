@@ -25,6 +25,7 @@ from skipconv_cli.engine import (
     reset_stats,
     skip_layers,
 )
+from skipconv_cli.engine.onednn import OneDNNConv2d
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.runner import SkipSettings, dense_baseline, skip_model
 
@@ -290,7 +291,7 @@ def _layer_seconds(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds spent in each conv of either model over the stream, in a pass of its own (see
     ``profile_model``)."""
-    dense_timer, dense_handles = LayerTimer.attach(dense, (nn.Conv2d,))
+    dense_timer, dense_handles = LayerTimer.attach(dense, (nn.Conv2d, OneDNNConv2d))
     skip_timer, skip_handles = LayerTimer.attach(skip, (SkipConv2d,))
     try:
         _interleaved(dense, skip, inputs, device, on_frame)

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipconv_cli.engine import convert, fold_batchnorms, fuse_activations, report, reset_stats, skip_layers
+from skipconv_cli.engine import (
+    convert,
+    fold_batchnorms,
+    fuse_activations,
+    report,
+    reset_stats,
+    skip_layers,
+    use_onednn,
+)
 from skipconv_cli.errors import SkipconvError
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.models.registry import Letterbox
@@ -97,7 +105,8 @@ def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
 def dense_baseline(loaded: LoadedModel, device: torch.device | None = None) -> nn.Module:
     """The dense model that skipping is compared with: a copy with BatchNorm folded and activations fused
     in place, as ``convert`` does, so that only skipping is credited."""
-    return fuse_activations(fold_batchnorms(loaded.module)).to(device or torch.device("cpu")).eval()
+    dense = use_onednn(fuse_activations(fold_batchnorms(loaded.module)))  # (see engine.onednn)
+    return dense.to(device or torch.device("cpu")).eval()
 
 
 @dataclass

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipconv_cli.engine import onednn
 from skipconv_cli.engine.activations import NONE as NO_ACTIVATION
 from skipconv_cli.engine.activations import activate_
 from skipconv_cli.engine.backends import native
@@ -665,7 +666,7 @@ def plain_conv(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
         out = layer._conv_forward(x, params["weight"], params["bias"])
     else:
         weight, bias = params["weight"], params["bias"]
-        out = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        out = onednn.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     return activate(layer, out)
 
 
