@@ -65,10 +65,6 @@ at::Tensor scratch(int slot, int64_t floats) {
 // Compiled for AVX-512 function by function and chosen at run time (has_avx512): the extension runs on any
 // x86 CPU.
 
-#if defined(__x86_64__)
-constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
-constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
-
 // What the product's rows get before they are stored: the bias added, then clamped to [lo, hi] (a fused
 // ReLU/ReLU6) when `clamp`.
 struct Epilogue {
@@ -76,6 +72,10 @@ struct Epilogue {
   bool clamp;
   float lo, hi;
 };
+
+#if defined(__x86_64__)
+constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
+constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
 
 // rows [R] x segments: row r's k-th value is segments[r * count + k / length][k % length]; row r of the
 // result goes to out[r] + col0 (channels col0 .. col0 + cols)
@@ -154,11 +154,6 @@ bool has_avx512() {
   return supported;
 }
 #else
-struct Epilogue {
-  const float* bias;
-  bool clamp;
-  float lo, hi;
-};
 void depthwise_pixel(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
 constexpr int64_t kPanel = 16;
 template <int P>
