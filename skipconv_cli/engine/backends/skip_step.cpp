@@ -595,9 +595,6 @@ std::vector<int64_t> skip_step(
   const float lo = static_cast<float>(act_lo), hi = static_cast<float>(act_hi);
   // 6'. pixels: the outputs to write, their receptive fields gathered as rows (tap by tap, C contiguous
   // floats each), one matrix product, write-back
-  auto tap_pixel = [&](int64_t n, int64_t oy, int64_t ox, int64_t ky, int64_t kx) {
-    return pad_pixel(n, oy * g.sh + ky * g.dh, ox * g.sw + kx * g.dw);
-  };
   auto recompute_pixels = [&](const at::Tensor& matrix) -> int64_t {
     std::vector<int64_t> pixels;  // flat (n, oy, ox); only footprint rows hold any
     std::vector<const float*> fields;  // each one's receptive field: its first tap in x_pad
@@ -614,48 +611,46 @@ std::vector<int64_t> skip_step(
     const int64_t m = static_cast<int64_t>(pixels.size());
     if (m == 0) return 0;
     const int64_t taps = g.kh * g.kw, row_len = taps * C;
+    std::vector<int64_t> tap_offsets(taps);  // each tap's pixel from the receptive field's first, in floats
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx) tap_offsets[ky * g.kw + kx] = (ky * g.dh * g.wp + kx * g.dw) * C;
     if (groups != 1) {  // depthwise: matrix [taps, C], one output channel per input channel
       const float* wd = matrix.data_ptr<float>();
       const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
       const bool vector_taps = has_avx512();
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
         std::vector<float> acc(C);
-        std::vector<const float*> tap_rows(g.kh * g.kw);
+        std::vector<const float*> tap_rows(taps);
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t p = pixels[i];
-          const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
           float* a = acc.data();
+          for (int64_t t = 0; t < taps; ++t) tap_rows[t] = fields[i] + tap_offsets[t];
           if (vector_taps) {
-            for (int64_t ky = 0; ky < g.kh; ++ky)
-              for (int64_t kx = 0; kx < g.kw; ++kx) tap_rows[ky * g.kw + kx] = tap_pixel(n, oy, ox, ky, kx);
-            depthwise_pixel(a, bd, wd, tap_rows.data(), g.kh * g.kw, C);
-            write_row(zd + p * Co, a, Co, activation, lo, hi);
-            continue;
-          }
-          if (bd) std::memcpy(acc.data(), bd, C * sizeof(float));
-          else std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t ky = 0; ky < g.kh; ++ky)
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const float* src = tap_pixel(n, oy, ox, ky, kx);
-              const float* w = wd + (ky * g.kw + kx) * C;
+            depthwise_pixel(a, bd, wd, tap_rows.data(), taps, C);
+          } else {
+            if (bd) std::memcpy(a, bd, C * sizeof(float));
+            else std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t t = 0; t < taps; ++t) {
+              const float* src = tap_rows[t];
+              const float* w = wd + t * C;
 #pragma omp simd
               for (int64_t ch = 0; ch < C; ++ch) a[ch] += w[ch] * src[ch];
             }
-          write_row(zd + p * Co, a, Co, activation, lo, hi);
+          }
+          write_row(zd + pixels[i] * Co, a, Co, activation, lo, hi);
         }
       });
       return m;
     }
     // a kernel row's taps are adjacent pixels, C contiguous floats each, when the kernel is not dilated
     const int64_t run = g.dw == 1 ? g.kw * C : C, runs_per_row = g.dw == 1 ? 1 : g.kw;
+    const int64_t runs = g.kh * runs_per_row;
+    std::vector<int64_t> run_offsets(runs);  // each run's first tap from the receptive field's first
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < runs_per_row; ++kx)
+        run_offsets[ky * runs_per_row + kx] = tap_offsets[ky * g.kw + kx];
     at::Tensor out = scratch(1, m * Co);
     const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     if (matrix.dim() == 3) {  // packed panels: the product reads the receptive fields in place
-      const int64_t runs = g.kh * runs_per_row;
-      std::vector<int64_t> run_offsets(runs);  // from a receptive field's first tap, in floats
-      for (int64_t ky = 0; ky < g.kh; ++ky)
-        for (int64_t kx = 0; kx < runs_per_row; ++kx)
-          run_offsets[ky * runs_per_row + kx] = (ky * g.dh * g.wp + kx * g.dw) * C;
       std::vector<const float*> segments(m * runs);
       // bias and clamp are applied as the rows are stored, straight into z; SiLU's exp is left to write_row
       const bool into_z = activation != kSilu;
@@ -672,14 +667,9 @@ std::vector<int64_t> skip_step(
       at::Tensor columns = scratch(0, m * row_len).narrow(0, 0, m * row_len).view({m, row_len});
       float* cd = columns.data_ptr<float>();
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t p = pixels[i];
-          const int64_t n = p / (g.ho * g.wo), oy = (p / g.wo) % g.ho, ox = p % g.wo;
-          float* dst = cd + i * row_len;
-          for (int64_t ky = 0; ky < g.kh; ++ky)
-            for (int64_t kx = 0; kx < runs_per_row; ++kx, dst += run)
-              std::memcpy(dst, tap_pixel(n, oy, ox, ky, kx), run * sizeof(float));
-        }
+        for (int64_t i = begin; i < end; ++i)
+          for (int64_t j = 0; j < runs; ++j)
+            std::memcpy(cd + i * row_len + j * run, fields[i] + run_offsets[j], run * sizeof(float));
       });
       at::Tensor rows = out.narrow(0, 0, m * Co).view({m, Co});
       at::mm_out(rows, columns, matrix.t());
