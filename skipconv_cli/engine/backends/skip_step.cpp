@@ -336,6 +336,16 @@ std::vector<int64_t> skip_step(
       float* out = rd + row * g.w;
       const uint8_t* mrow = incremental ? im + row * g.w : nullptr;
       if (mrow && !std::memchr(mrow, 2, g.w)) continue;  // (a row with no write: most, when few changed)
+      if (mrow) {
+        // the written pixels' references asked of memory first, all of them: state a frame old, out of
+        // cache at scattered pixels, which the loop below otherwise waits for more or less one at a time
+        // (HRNet-w32 at 4.3x fewer MACs: these residuals 2.3 -> 2.0 ms a frame, interleaved A/B)
+        for (int64_t xx = 0; xx < g.w; ++xx) {
+          if (mrow[xx] != 2) continue;
+          const char* first = reinterpret_cast<const char*>(rr + xx * C);
+          for (int64_t offset = 0; offset < C * 4; offset += 64) __builtin_prefetch(first + offset);
+        }
+      }
       for (int64_t xx = 0; xx < g.w; ++xx) {
         if (mrow && mrow[xx] != 2) continue;
         float total = 0.f;
