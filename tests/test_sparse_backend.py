@@ -726,9 +726,9 @@ def test_incremental_scans_gate_exactly_as_full_scans(
     real_step = sparse.native_step
     incremental_steps = []
 
-    def watching_step(layer, state, x, forced=None, incremental=False, marks=None):
+    def watching_step(layer, state, x, forced=None, incremental=False, marks=None, limits=None):
         incremental_steps.append(incremental)
-        return real_step(layer, state, x, forced, incremental, marks)
+        return real_step(layer, state, x, forced, incremental, marks, limits)
 
     monkeypatch.setattr(sparse, "native_step", watching_step)
 
@@ -746,7 +746,7 @@ def test_incremental_scans_gate_exactly_as_full_scans(
     for block, threshold in ((1, 0.05), (4, 0.3)):
         incremental = run(block, threshold)
         with monkeypatch.context() as patch:
-            patch.setattr(sparse, "writes_since_scan", lambda layer, state, x: None)
+            patch.setattr(sparse, "writes_since_scan", lambda state, x, limits: None)
             full = run(block, threshold)
         for (out_a, gates_a), (out_b, gates_b) in zip(incremental, full, strict=True):
             assert torch.equal(out_a, out_b), (arch, block)

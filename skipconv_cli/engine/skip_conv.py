@@ -289,9 +289,18 @@ class SkipConv2d(nn.Conv2d):
                 self.training and self.gate is not None  # a Gumbel gate in training runs the reference path
             )
         ):
-            plain = sparse.plain_frame_if_due(self, state, x)  # the short way: nothing else to do
+            # the short ways, taken by nearly every frame (the Python of a frame is paid by every layer:
+            # 293 in HRNet-w32, where it was ~1/3 of a frame at 4.3x fewer MACs)
+            plain = sparse.plain_frame_if_due(self, state, x)
             if plain is not None:
                 return plain
+            if (
+                self._state_path == "sparse"
+                and self._backend == "sparse"
+                and self.reference == "pending"  # (what ``_sparse_allowed`` checks, gradients off)
+                and not self._needs_dense(x)
+            ):
+                return sparse.step_frame(self, state, x)
         path = "sparse" if self._sparse_allowed(x) else "reference"
         if path != self._state_path:  # e.g. gradients switched on mid-stream: start afresh
             self.reset()
@@ -310,7 +319,7 @@ class SkipConv2d(nn.Conv2d):
 
     def _sparse_allowed(self, x: torch.Tensor) -> bool:
         """The sparse backend writes its state in place and drops gradients: inference only."""
-        if self.backend != "sparse" or self.reference != "pending":
+        if self._backend != "sparse" or self.reference != "pending":
             return False
         if self.gate_type == "gumbel" and self.training:
             return False

@@ -438,29 +438,34 @@ def skip_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     if not state.tuned:  # after the first dense frame, so that tuning runs on real data
         tune(layer, state, x)
     plain = plain_frame_if_due(layer, state, x)
-    if plain is not None:
-        return plain
+    return plain if plain is not None else step_frame(layer, state, x)
+
+
+def step_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> torch.Tensor:
+    """A skip frame of a tuned layer whose frame is not plain."""
     if state.z_version is not None and state.z._version != state.z_version:
         repair_output(layer, state)
-    since = writes_since_scan(layer, state, x) if state.scanned is not None else None
-    if since is not None and since[0] == 0 and state.last_idle:
-        # the same input as at an idle step, unchanged since, under the same limits: idle again, and the
-        # C++ step's scan of input and reference (the whole cost of an idle frame) is not needed
-        layer._native_bookkeeping(x.shape[0], state.maps, 0)
-        count_frame(layer, state, native.PATH_IDLE, 0)
-        state.backoff = 0
-        return hand_out(layer, state)
+    maps = state.maps
     started = time.perf_counter()
-    if state.maps is not None:
-        out, path, tiles = native_skip_frame(layer, state, x, since)
-    else:
+    if maps is None:
         out, path, tiles = torch_skip_frame(layer, state, x)
+    else:
+        limits = gate_limits(layer, maps)
+        since = writes_since_scan(state, x, limits) if state.scanned is not None else None
+        if since is not None and since[0] == 0 and state.last_idle:
+            # the same input as at an idle step, unchanged since, under the same limits: idle again, and the
+            # C++ step's scan of input and reference (the whole cost of an idle frame) is not needed
+            layer._native_bookkeeping(x.shape[0], maps, 0)
+            count_frame(layer, state, native.PATH_IDLE, 0)
+            state.backoff = 0
+            return hand_out(layer, state)
+        out, path, tiles = native_skip_frame(layer, state, x, since, limits)
     judge(layer, state, path, time.perf_counter() - started, tiles)
     return out
 
 
 def writes_since_scan(
-    layer: SkipConv2d, state: SparseState, x: torch.Tensor
+    state: SparseState, x: torch.Tensor, limits: torch.Tensor
 ) -> tuple[int, torch.Tensor | None] | None:
     """How the input changed since this layer's last C++ step, when that is known: (0, None) when it is
     the same output tensor of the layer before, unchanged; (1, marks) when that layer wrote into it once,
@@ -470,8 +475,8 @@ def writes_since_scan(
     the blocks they reach (and the last step's fired blocks) are gated again, the same gates as a full scan
     for a pass over a byte map; with no change after an idle step the frame is idle without any scan. The
     simplest sparsity that follows from layer to layer (conv -> fused activation -> conv links)."""
-    seen, limits = state.scanned
-    if gate_limits(layer, state.maps) is not limits:
+    seen, scanned_limits = state.scanned
+    if limits is not scanned_limits:  # (the gate limits of this frame: ``gate_limits``)
         return None
     change = change_since(x, seen)
     if change is UNKNOWN_CHANGE:
@@ -819,11 +824,14 @@ def native_step(
     forced: torch.Tensor | None = None,
     incremental: bool = False,
     marks: torch.Tensor | None = None,
+    limits: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
-    """(active tiles, outputs computed as counted, path, output positions the convolution ran)."""
+    """(active tiles, outputs computed as counted, path, output positions the convolution ran); ``limits``:
+    ``gate_limits`` when the caller has them."""
     maps = state.maps
+    limits = gate_limits(layer, maps) if limits is None else limits
     return native.extension().skip_step(
-        x, state.x_pad, state.z, *maps.layer_args, gate_limits(layer, maps), maps.channel_weights,
+        x, state.x_pad, state.z, *maps.layer_args, limits, maps.channel_weights,
         *maps.plan_args,
         state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced, incremental, marks,
         maps.pixel_weight,
@@ -831,13 +839,17 @@ def native_step(
 
 
 def native_skip_frame(
-    layer: SkipConv2d, state: SparseState, x: torch.Tensor, since: tuple | None = None
+    layer: SkipConv2d,
+    state: SparseState,
+    x: torch.Tensor,
+    since: tuple | None = None,
+    limits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, int]:
-    """A skip frame in one C++ step; ``since``: what ``writes_since_scan`` knows of the input."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    """A skip frame in one C++ step (which takes ``x`` in any layout); ``since``: what ``writes_since_scan``
+    knows of the input; ``limits``: ``gate_limits``, when the caller has them."""
     marks = since[1] if since is not None else None
     tiles, computed, path, outputs_run = native_step(
-        layer, state, x, incremental=since is not None, marks=marks
+        layer, state, x, incremental=since is not None, marks=marks, limits=limits
     )
     own = state.revision
     if path == native.PATH_TILES:
