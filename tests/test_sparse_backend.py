@@ -708,12 +708,51 @@ def test_a_layer_whose_input_is_an_unchanged_idle_output_skips_its_scan(monkeypa
             steps.clear()
             got.append((model(frame), list(steps)))
     per_frame = [s for _, s in got]
-    # frame 0 dense; 1: both scan, both idle; 2: a idle again, b skips its scan; 3: a writes, b scans;
-    # 4: a idle, b scans (its last frame was not idle); 5: a idle, b skips
-    assert per_frame == [[], ["a", "b"], ["a"], ["a", "b"], ["a", "b"], ["a"]]
+    # frame 0 dense (b takes a's output whole: a record to scan from); 1: a scans (its input carries no
+    # revision) and is idle, b's input is unchanged since it took it: b skips its scan; 2: the same;
+    # 3: a writes, b scans; 4: a idle, b scans (its last frame was not idle); 5: a idle, b skips
+    assert per_frame == [[], ["a"], ["a"], ["a", "b"], ["a", "b"], ["a"]]
     for (out, _), want in zip(got, expected, strict=True):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert b.backend_stats()["idle_frames"] == 4 and b.backend_stats()["sparse_frames"] == 1
+
+
+def test_after_taking_a_frame_whole_a_layer_scans_only_what_changed_since(monkeypatch) -> None:
+    """A busy frame that takes the input whole (pinned crossover) leaves x_ref = x: the next frame scans
+    incrementally from there, or not at all when the layer before left its output unchanged; outputs stay
+    exact against the dense model."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)
+    ).eval()
+    model = sc.convert(net, threshold=0.0, block=4, backend="sparse")
+    a, b = model[0], model[2]
+    a.crossover, b.crossover = 1.0, 0.25  # b: a frame with more than 16 of its 64 blocks active is busy
+    scans: list[tuple[str, bool]] = []
+    real_step = sparse.native_step
+
+    def counting_step(layer, state, x, forced=None, incremental=False, **options):
+        scans.append(("a" if layer is a else "b", incremental))
+        return real_step(layer, state, x, forced, incremental, **options)
+
+    monkeypatch.setattr(sparse, "native_step", counting_step)
+    torch.manual_seed(0)
+    still = torch.rand(1, 3, 32, 32)
+    wide = still.clone()
+    wide[..., 2:30, 2:30] += 0.5  # busy for b: it takes the frame whole
+    small = wide.clone()
+    small[..., 12:14, 12:14] -= 0.3  # one frame's small change after the take
+    frames = [still, wide, wide, small]
+    got = []
+    with torch.no_grad():
+        for frame in frames:
+            scans.clear()
+            got.append((model(frame), [s for s in scans if s[0] == "b"]))
+    # 1: b busy (full scan), takes the frame; 2: a idle, b's input unchanged since the take: no step;
+    # 3: a writes a few pixels, b scans only those
+    assert [s for _, s in got] == [[], [("b", True)], [], [("b", True)]]
+    assert b.backend_stats()["dense_frames"] == 2  # (the stream's first frame and the busy one)
+    for (out, _), frame in zip(got, frames, strict=True):
+        torch.testing.assert_close(out, net(frame), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -401,6 +401,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
+        record_taken_input(layer, state, x)
     layer._sparse_state = state
     layer._backend_counters["dense_frames"] += x.shape[0]
     layer._backend_counters["macs_run"] += x.shape[0] * dense_macs(layer, plan)
@@ -858,8 +859,10 @@ def native_skip_frame(
     own.marks, own.marked = (state.maps.mark, own.number) if path == native.PATH_TILES else (None, -1)
     revision = revision_of(x)
     # the layer before handed out its state last frame and a fresh map now: it went plain, and its exact
-    # output differs from the state it handed out by all the change its gates had left pending
-    switched = revision is None and state.scanned is not None
+    # output differs from the state it handed out by all the change its gates had left pending (not on the
+    # probe after a back-off, whose record is the resync's: a busy probe backs off as it did before there
+    # was one)
+    switched = revision is None and state.scanned is not None and not state.probing
     scanned = (seen_now(x), state.maps.thresholds[2]) if revision is not None else None
     state.scanned = scanned if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
     state.last_idle = path == native.PATH_IDLE
@@ -901,8 +904,22 @@ def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
     own = state.revision
     own.number += 1
     own.marks, own.marked = None, -1  # written whole
-    state.scanned, state.last_idle = None, False  # (no record of where the input changed)
+    record_taken_input(layer, state, x)
     state.take_output(z)
+
+
+def record_taken_input(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
+    """After the layer took all of ``x`` as its reference (x_ref = x everywhere: no residual pending, no
+    block firing): the record an incremental scan starts from, when ``x`` carries a revision, so that the
+    next frame scans only what the layer before wrote meanwhile. (The probe after a back-off and the first
+    skip frame of a stream scanned their input whole: openpose-mbv2-14 τ 0.3 ran ~15 such scans a frame.)"""
+    maps = state.maps
+    if maps is None or revision_of(x) is None:
+        state.scanned, state.last_idle = None, False  # (no record of where the input changed)
+        return
+    maps.r_abs.zero_()
+    maps.gate.zero_()
+    state.scanned, state.last_idle = (seen_now(x), gate_limits(layer, maps)), True
 
 
 def refresh_borders(layer: SkipConv2d, state: SparseState) -> None:
