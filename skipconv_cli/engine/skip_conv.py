@@ -290,7 +290,7 @@ class SkipConv2d(nn.Conv2d):
             )
         ):
             # the short ways, taken by nearly every frame (the Python of a frame is paid by every layer:
-            # 293 in HRNet-w32, where it was ~1/3 of a frame at 4.3x fewer MACs)
+            # 293 in HRNet-w32, where Python is ~5 ms of a 28 ms frame at 4.3x fewer MACs)
             plain = sparse.plain_frame_if_due(self, state, x)
             if plain is not None:
                 return plain
