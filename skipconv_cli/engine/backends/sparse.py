@@ -909,16 +909,17 @@ def take_frame(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
 
 
 def record_taken_input(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
-    """After the layer took all of ``x`` as its reference (x_ref = x everywhere: no residual pending, no
-    block firing): the record an incremental scan starts from, when ``x`` carries a revision, so that the
-    next frame scans only what the layer before wrote meanwhile. (The probe after a back-off and the first
-    skip frame of a stream scanned their input whole: openpose-mbv2-14 τ 0.3 ran ~15 such scans a frame.)"""
+    """After the layer took all of ``x`` as its reference (x_ref = x everywhere: no residual pending): the
+    record an incremental scan starts from, when ``x`` carries a revision, so that the next frame scans only
+    what the layer before wrote meanwhile. (The probe after a back-off and the first skip frame of a stream
+    scanned their input whole: openpose-mbv2-14 τ 0.3 ran ~15 such scans a frame.) The gate map is left as
+    the frame set it (a busy frame's: every block, what ``last_gate`` reports); the next step gates its
+    blocks again, against a zero residual."""
     maps = state.maps
     if maps is None or revision_of(x) is None:
         state.scanned, state.last_idle = None, False  # (no record of where the input changed)
         return
     maps.r_abs.zero_()
-    maps.gate.zero_()
     state.scanned, state.last_idle = (seen_now(x), gate_limits(layer, maps)), True
 
 
