@@ -747,6 +747,8 @@ def test_after_taking_a_frame_whole_a_layer_scans_only_what_changed_since(monkey
         for frame in frames:
             scans.clear()
             got.append((model(frame), [s for s in scans if s[0] == "b"]))
+            if frame is frames[1]:
+                assert b.last_gate.all()  # a busy frame reports every block gated, taken or not
     # 1: b scans what a wrote (from the first frame's record), is busy and takes the frame; 2: a idle, b's
     # input unchanged since the take: no step; 3: a writes a few pixels, b scans only those
     assert [s for _, s in got] == [[], [("b", True)], [], [("b", True)]]
