@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.cpp_extension import load
 
 from skipconv_cli.engine import reset
 from skipconv_cli.engine.backends import native
@@ -36,12 +35,7 @@ TIMED = ("skip_step", "add_marked")
 
 def build(source: Path, tag: str) -> Any:
     digest = hashlib.sha1(source.read_bytes()).hexdigest()[:10]
-    return load(
-        name=f"skipconv_ab_{tag}_{digest}",
-        sources=[str(source)],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-    )
+    return native.build(source, f"skipconv_ab_{tag}_{digest}")
 
 
 class Timed:

@@ -37,18 +37,8 @@ def extension() -> Any | None:
     if os.environ.get("SKIPCONV_NATIVE", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        _put_ninja_on_path()
-
         # the source's hash in the name: an edited kernel is rebuilt, never mixed up with an old build
-        return load(
-            name=f"skipconv_skip_step_{source_digest()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build(SOURCE, f"skipconv_skip_step_{source_digest()}")
     except Exception as error:  # no compiler, no headers, no ninja: the PyTorch path still works
         warnings.warn(
             f"skipconv: the native CPU kernel could not be built ({type(error).__name__}: "
@@ -57,6 +47,16 @@ def extension() -> Any | None:
             stacklevel=2,
         )
         return None
+
+
+def build(source: Path, name: str) -> Any:
+    """``source`` compiled and loaded as module ``name``, as the kernel is (``bench/ab_kernel.py`` builds a
+    variant next to it this way)."""
+    from torch.utils.cpp_extension import load
+
+    _put_ninja_on_path()
+    flags = {"extra_cflags": ["-O3", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}
+    return load(name=name, sources=[str(source)], verbose=False, **flags)
 
 
 @functools.cache

@@ -769,18 +769,19 @@ int64_t add_marked(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
     return at::parallel_reduce(
         0, rows, grain_for(rows, grain_rows(W * C), rows_on * W * C), int64_t(0),
         [&](int64_t begin, int64_t end, int64_t partial) {
+          auto written = [&](int64_t p) { return (ma && ma[p] == 2) || (mb && mb[p] == 2); };
           for (int64_t r = begin; r < end; ++r) {
             if (!row_on[r]) continue;
             // the row's written pixels asked of memory first (as the step's residuals: state at scattered
             // pixels; HRNet-w32's sums at 4.3x fewer MACs 2.2 -> 1.8 ms a frame, interleaved A/B)
             for (int64_t p = r * W; p < (r + 1) * W; ++p) {
-              if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) continue;
+              if (!written(p)) continue;
               prefetch_floats(ad + p * C, C);
               prefetch_floats(bd + p * C, C);
               prefetch_floats(od + p * C, C);
             }
             for (int64_t p = r * W; p < (r + 1) * W; ++p) {
-              if (!((ma && ma[p] == 2) || (mb && mb[p] == 2))) {
+              if (!written(p)) {
                 md[p] = 0;
                 continue;
               }
