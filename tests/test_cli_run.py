@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -204,6 +205,20 @@ def test_help_has_examples() -> None:
     result = skipconv("run", "--help")
     assert result.returncode == 0
     assert "Examples" in result.stdout and "sample:person" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "profile", "calibrate", "train-gates", "models"])
+def test_help_reflows_its_prose_and_indents_its_examples(command: str) -> None:
+    # a terminal wide enough for every paragraph: each shows on one line, whatever the source's wrapping
+    result = skipconv(command, "--help", env={**os.environ, "COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    description = lines[lines.index(next(line for line in lines if line.startswith("Usage:"))) + 2 :]
+    prose = description[: description.index("Examples:")]
+    paragraphs = [line for line in prose if line]
+    assert paragraphs and all(line.endswith((".", ")")) for line in paragraphs), paragraphs
+    examples = [line for line in result.stdout.splitlines() if line.strip().startswith("skipconv ")]
+    assert examples and all(line.startswith("   skipconv ") for line in examples), examples
 
 
 def test_models_lists_builtins() -> None:

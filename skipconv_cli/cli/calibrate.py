@@ -184,6 +184,3 @@ def print_tradeoff(console: Console, result: CalibrationResult) -> None:
         f"({100 * (result.per_layer_gain - 1):+.0f}%), {len(result.evaluations)} evaluations "
         f"in {result.seconds:.0f} s"
     )
-
-
-calibrate.__doc__ = (calibrate.__doc__ or "") + "\n\n" + EXAMPLES

@@ -13,18 +13,19 @@ from rich.table import Table
 from skipconv_cli.models.factory import count_macs
 from skipconv_cli.models.registry import list_models
 
+EXAMPLES = """
+Examples:
+
+  skipconv models
+
+  skipconv models --json | jq '.[] | select(.task == "pose") | .name'
+"""
+
 
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
-    """List the built-in models: name, task, input size, GMAC at that size, license, source.
-
-    Examples:
-
-      skipconv models
-
-      skipconv models --json | jq '.[] | select(.task == "pose") | .name'
-    """
+    """List the built-in models: name, task, input size, GMAC at that size, license, source."""
     rows = []
     for spec in list_models():
         h, w = spec.input_size

@@ -17,6 +17,16 @@ from skipconv_cli.pipeline.profile import profile_model
 from skipconv_cli.pipeline.runner import parse_size, write_json
 from skipconv_cli.pipeline.video import open_source
 
+EXAMPLES = """
+Examples:
+
+  skipconv profile sample:person --task pose --threshold 1 --block 4 --threads 2
+
+  skipconv profile sample:person --model hrnet-w32 --size 256 --start 1150 --max-frames 30 --block 4
+
+  skipconv profile sample:cars --model yolox-nano --size 736x1280 --json profile.json
+"""
+
 
 def profile(
     input: opt.Input,
@@ -45,14 +55,6 @@ def profile(
     carry its set-up), the MAC reduction, how much of it became real (speedup / reduction), per-layer dense
     time vs skip time vs MACs, and the output difference. The dense model has BatchNorm folded, activations
     fused in place and its faster memory layout.
-
-    Examples:
-
-      skipconv profile sample:person --task pose --threshold 1 --block 4 --threads 2
-
-      skipconv profile sample:person --model hrnet-w32 --size 256 --start 1150 --max-frames 30 --block 4
-
-      skipconv profile sample:cars --model yolox-nano --size 736x1280 --json profile.json
     """
     import torch
 

@@ -187,6 +187,3 @@ def print_report(console: Console, data: dict) -> None:
         console.print(
             f"fidelity vs dense: {fid['metric']} [bold]{fid['value']:.2f}[/]  (dense {dense_ms:.1f} ms/frame)"
         )
-
-
-run.__doc__ = (run.__doc__ or "") + "\n\n" + EXAMPLES

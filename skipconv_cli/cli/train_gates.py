@@ -190,6 +190,3 @@ def train_gates(
         f"MACs [bold green]{measured.get('macs_reduction', 1.0):.2f}x fewer[/], {fid_text}, "
         f"distillation error {measured.get('distillation_error', 0.0):.4f}"
     )
-
-
-train_gates.__doc__ = (train_gates.__doc__ or "") + "\n\n" + EXAMPLES
