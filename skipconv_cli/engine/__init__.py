@@ -1,5 +1,6 @@
 """The engine: Skip-Convolutions for any PyTorch model. Knows nothing of video, models or the CLI."""
 
+from skipconv_cli.engine.allocator import keep_freed_memory
 from skipconv_cli.engine.convert import (
     convert,
     fold_batchnorms,
@@ -21,6 +22,7 @@ __all__ = [
     "convert",
     "fold_batchnorms",
     "fuse_activations",
+    "keep_freed_memory",
     "register_zero_pad",
     "report",
     "reset",
