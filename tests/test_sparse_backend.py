@@ -238,25 +238,30 @@ def test_pixel_path_runs_only_the_outputs_it_writes(video_stream: torch.Tensor, 
     assert 0 < total["1"] < total["0"]
 
 
+@pytest.mark.parametrize("vectors", ["avx512", "avx2", "none"])
 @pytest.mark.parametrize("packed", ["1", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pixel_path_products_are_exact_for_any_row_channel_count_and_activation(
-    threads: int, packed: str, monkeypatch
+    threads: int, packed: str, vectors: str, monkeypatch
 ) -> None:
-    """The pixel path's products (ungrouped: packed AVX-512 panels where the CPU has them, else at::mm on
-    the weight itself, the path other CPUs take; depthwise: 16 channels a register there) over changes of 1
-    to all output pixels, channel counts off their 16-channel registers, with and without bias and fused
-    activation (the packed product adds the bias and clamps as it stores): at threshold 0 each frame's output
-    is the dense convolution's."""
+    """The pixel path's products (ungrouped: weight panels packed for the vector kernel the CPU has, 16
+    channels with AVX-512, 8 with AVX2, else at::mm on the weight itself; depthwise: a register of channels
+    at a time) over changes of 1 to all output pixels, channel counts off their registers, with and without
+    bias and fused activation (the packed product adds the bias and clamps as it stores): at threshold 0
+    each frame's output is the dense convolution's. Each kernel a CPU has narrower than its widest runs
+    here too (``SKIPCONV_VECTOR``)."""
+    if native.VECTOR_WIDTHS[vectors] > native._cpu_vector_width():
+        pytest.skip(f"this CPU has no {vectors} kernels")
     monkeypatch.setenv("SKIPCONV_PACKED", packed)
+    monkeypatch.setenv("SKIPCONV_VECTOR", vectors)
     torch.set_num_threads(threads)
     try:
-        check_pixel_products(torch.Generator().manual_seed(threads))
+        check_pixel_products(torch.Generator().manual_seed(threads), vectors)
     finally:
         torch.set_num_threads(1)  # this module's setting (``one_thread``)
 
 
-def check_pixel_products(generator: torch.Generator) -> None:
+def check_pixel_products(generator: torch.Generator, vectors: str) -> None:
     regions = [
         (0, 1, 0, 1),
         (3, 5, 7, 10),
@@ -295,7 +300,9 @@ def check_pixel_products(generator: torch.Generator) -> None:
                 worst = (layer(frame) - expected).abs().max().item()
                 assert worst <= 1e-5 * expected.abs().max().item(), (in_channels, out_channels, top, worst)
         packed = groups == 1 and native.packs_weights()
-        assert layer._sparse_state.maps.pixel_weight.dim() == (3 if packed else 2)
+        matrix, width = layer._sparse_state.maps.pixel_weight, native.VECTOR_WIDTHS[vectors]
+        assert matrix.dim() == (3 if packed else 2) and layer._sparse_state.maps.vectors == width
+        assert not packed or matrix.shape[2] == width, "panels as wide as the kernel's registers"
         assert layer.backend_stats()["sparse_frames"] == len(regions)
 
 

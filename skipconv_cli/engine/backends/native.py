@@ -89,17 +89,30 @@ def mean_abs(map: torch.Tensor) -> torch.Tensor:
     return map.detach().abs().mean(dims, keepdim=True)
 
 
-def packs_weights() -> bool:
-    """Whether the kernel's pixel path multiplies packed weight panels (an x86 CPU with AVX-512);
-    ``SKIPCONV_PACKED=0`` turns them off (``at::mm`` on the weight itself: A/B runs, and the tests of the
-    path other CPUs take)."""
-    return os.environ.get("SKIPCONV_PACKED", "1") != "0" and _cpu_packs_weights()
+# the vector kernels of the C++ pixel path, by name (SKIPCONV_VECTOR): floats per register
+VECTOR_WIDTHS = {"avx512": 16, "avx2": 8, "none": 0}
+
+
+def vector_width() -> int:
+    """Floats per register of the C++ pixel path's own kernels (its packed products, its depthwise pixels):
+    16 on an x86 CPU with AVX-512, 8 with AVX2 and FMA, 0 without (``at::mm`` and loops compiled for the
+    baseline ISA). ``SKIPCONV_VECTOR=avx2`` or ``none`` asks for less than the CPU has: the tests of the
+    paths other CPUs take, and A/B runs."""
+    asked = VECTOR_WIDTHS.get(os.environ.get("SKIPCONV_VECTOR", "avx512"), 16)
+    return min(asked, _cpu_vector_width())
 
 
 @functools.cache
-def _cpu_packs_weights() -> bool:
+def _cpu_vector_width() -> int:
     kernel = extension()
-    return kernel is not None and bool(kernel.packs_weights())
+    return int(kernel.vector_width()) if kernel is not None else 0
+
+
+def packs_weights() -> bool:
+    """Whether the pixel path multiplies weight panels packed for its vector kernel (``vector_width``
+    channels a panel); ``SKIPCONV_PACKED=0`` turns them off (``at::mm`` on the weight itself: A/B runs, and
+    the tests of the path CPUs without those kernels take)."""
+    return os.environ.get("SKIPCONV_PACKED", "1") != "0" and vector_width() > 0
 
 
 def supports(layer: torch.nn.Module, x: torch.Tensor) -> bool:

@@ -70,7 +70,9 @@ at::Tensor scratch(int slot, int64_t floats) {
 // the AMD EPYC these numbers come from (MKL takes its AVX2 code there: ~90 GMAC/s on 2 threads against
 // ~245 here, and ~200 for oneDNN's dense convolution), 2-7x on the few-row products of a calm frame.
 // Compiled for AVX-512 function by function and chosen at run time (has_avx512): the extension runs on any
-// x86 CPU.
+// x86 CPU. CPUs with AVX2 and FMA but no AVX-512 (AMD before Zen 4, Intel's client cores) run the same
+// product on weights packed in panels of 8 (one AVX2 register), a 6-row x 16-channel tile: the same code
+// written for 8-float registers (the *_avx2 functions below).
 
 // What the product's rows get before they are stored: the bias added, then clamped to [lo, hi] (a fused
 // ReLU/ReLU6) when `clamp`.
@@ -160,23 +162,117 @@ bool has_avx512() {
   static const bool supported = __builtin_cpu_supports("avx512f");
   return supported;
 }
+
+constexpr int64_t kPanel8 = 8;  // output channels per AVX2 weight panel: one 256-bit register of floats
+
+// The first `count` (0-8) lanes on: AVX2's masked loads and stores take a vector of lane masks.
+__attribute__((target("avx2"))) inline __m256i lanes(int64_t count) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, kPanel8))), index);
+}
+
+// packed_tile for AVX2: panels of 8 channels, R rows x P panels of accumulators (6 x 2 = 12 of the 16
+// registers)
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void packed_tile_avx2(const float* const* segments, int64_t count,
+                                                          int64_t length, const float* panel, int64_t K,
+                                                          float* const* out, int64_t col0, int64_t cols,
+                                                          const Epilogue& epilogue) {
+  __m256 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < count; ++s) {
+    const float* row[R];
+    for (int r = 0; r < R; ++r) row[r] = segments[r * count + s];
+    const float* w = panel + s * length * kPanel8;
+    for (int64_t k = 0; k < length; ++k) {
+      __m256 weights[P];
+      for (int p = 0; p < P; ++p) weights[p] = _mm256_loadu_ps(w + (p * K + k) * kPanel8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_set1_ps(row[r][k]);  // (_mm256_broadcast_ss's pointer kept acc in memory)
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(x, weights[p], acc[r][p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t col = col0 + p * kPanel8;
+    const __m256i mask = lanes(cols - p * kPanel8);
+    const __m256 bias = epilogue.bias ? _mm256_maskload_ps(epilogue.bias + col, mask) : _mm256_setzero_ps();
+    const __m256 lo = _mm256_set1_ps(epilogue.lo), hi = _mm256_set1_ps(epilogue.hi);
+    for (int r = 0; r < R; ++r) {
+      __m256 value = _mm256_add_ps(acc[r][p], bias);
+      if (epilogue.clamp) value = _mm256_min_ps(_mm256_max_ps(value, lo), hi);
+      _mm256_maskstore_ps(out[r] + col, mask, value);
+    }
+  }
+}
+
+template <int P>
+__attribute__((target("avx2,fma"))) void packed_rows_avx2(const float* const* segments, int64_t count,
+                                                          int64_t length, int64_t rows, const float* panel,
+                                                          int64_t K, float* const* out, int64_t col0,
+                                                          int64_t cols, const Epilogue& epilogue) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    packed_tile_avx2<kRows, P>(segments + r * count, count, length, panel, K, out + r, col0, cols, epilogue);
+  const float* const* rest = segments + r * count;
+  float* const* to = out + r;
+  switch (rows - r) {
+    case 5: packed_tile_avx2<5, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 4: packed_tile_avx2<4, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 3: packed_tile_avx2<3, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 2: packed_tile_avx2<2, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    case 1: packed_tile_avx2<1, P>(rest, count, length, panel, K, to, col0, cols, epilogue); break;
+    default: break;
+  }
+}
+
+// depthwise_pixel for AVX2: 8 channels a register
+__attribute__((target("avx2,fma"))) void depthwise_pixel_avx2(float* acc, const float* bias,
+                                                              const float* weight, const float* const* tap_rows,
+                                                              int64_t taps, int64_t C) {
+  for (int64_t ch = 0; ch < C; ch += kPanel8) {
+    const __m256i mask = lanes(C - ch);
+    __m256 sum = bias ? _mm256_maskload_ps(bias + ch, mask) : _mm256_setzero_ps();
+    for (int64_t t = 0; t < taps; ++t)
+      sum = _mm256_fmadd_ps(_mm256_maskload_ps(tap_rows[t] + ch, mask),
+                            _mm256_maskload_ps(weight + t * C + ch, mask), sum);
+    _mm256_maskstore_ps(acc + ch, mask, sum);
+  }
+}
+
+bool has_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
 #else
 void depthwise_pixel(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
+void depthwise_pixel_avx2(float*, const float*, const float*, const float* const*, int64_t, int64_t) {}
 constexpr int64_t kPanel = 16;
+constexpr int64_t kPanel8 = 8;
 template <int P>
 void packed_rows(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float* const*,
                  int64_t, int64_t, const Epilogue&) {}
+template <int P>
+void packed_rows_avx2(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, float* const*,
+                      int64_t, int64_t, const Epilogue&) {}
 bool has_avx512() { return false; }
+bool has_avx2() { return false; }
 #endif
+
+// Floats per vector register of the widest of the kernels above this CPU runs: 16 (AVX-512), 8 (AVX2 with
+// FMA), 0 (neither: at::mm and loops compiled for the baseline ISA).
+int64_t vector_width() { return has_avx512() ? kPanel : has_avx2() ? kPanel8 : 0; }
 
 // out[i][0 .. Co) = epilogue(a[i] x W^T) for the m rows, where row i of a is the concatenation of the
 // `count` segments of `length` floats that segments[i * count ...] point to (a receptive field's rows in the
 // padded input, read where they lie: no gathered copy), and packed holds W [Co, K] as panels
-// [ceil(Co / 16), K, 16] (zero padded). out[i] may be the output pixel's row itself: no write-back pass.
+// [ceil(Co / width), K, width] (zero padded; width 16: the AVX-512 kernel, 8: AVX2's). out[i] may be the
+// output pixel's row itself: no write-back pass.
 void packed_gemm(const float* const* segments, int64_t count, int64_t length, int64_t m,
-                 const float* packed, int64_t Co, float* const* out, const Epilogue& epilogue) {
+                 const float* packed, int64_t width, int64_t Co, float* const* out, const Epilogue& epilogue) {
   const int64_t K = count * length;
-  const int64_t panels = (Co + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
+  const int64_t panels = (Co + width - 1) / width, pairs = (panels + 1) / 2;
   const int64_t row_blocks = (m + 4 * kRows - 1) / (4 * kRows);  // 24 rows per work item
   const int64_t items = pairs * row_blocks;
   const int64_t work = m * K * Co;
@@ -185,11 +281,17 @@ void packed_gemm(const float* const* segments, int64_t count, int64_t length, in
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / row_blocks, block = item % row_blocks;
       const int64_t r0 = block * 4 * kRows, rows = std::min<int64_t>(4 * kRows, m - r0);
-      const int64_t col0 = pair * 2 * kPanel, cols = std::min<int64_t>(2 * kPanel, Co - col0);
-      const float* panel = packed + pair * 2 * K * kPanel;
+      const int64_t col0 = pair * 2 * width, cols = std::min<int64_t>(2 * width, Co - col0);
+      const float* panel = packed + pair * 2 * K * width;
       const float* const* first = segments + r0 * count;
-      if (cols > kPanel) packed_rows<2>(first, count, length, rows, panel, K, out + r0, col0, cols, epilogue);
-      else packed_rows<1>(first, count, length, rows, panel, K, out + r0, col0, cols, epilogue);
+      float* const* to = out + r0;
+      if (width == kPanel) {
+        if (cols > width) packed_rows<2>(first, count, length, rows, panel, K, to, col0, cols, epilogue);
+        else packed_rows<1>(first, count, length, rows, panel, K, to, col0, cols, epilogue);
+      } else {
+        if (cols > width) packed_rows_avx2<2>(first, count, length, rows, panel, K, to, col0, cols, epilogue);
+        else packed_rows_avx2<1>(first, count, length, rows, panel, K, to, col0, cols, epilogue);
+      }
     }
   });
 }
@@ -274,7 +376,8 @@ inline void write_row(float* dst, const float* src, const float* bias, int64_t c
 // receptive fields (those pixels only) times the weight in one matrix product. Depthwise convs (float
 // [kh * kw, C]): per pixel, the taps' channel rows times their weights, summed in registers. No tile covers
 // more than its gated blocks, no halo is convolved, and nothing builds a kernel per batch size as oneDNN's
-// convolution does.
+// convolution does. vectors: floats per register of the kernels to run, 16 (AVX-512), 8 (AVX2) or 0 (at::mm
+// and loops compiled for the baseline ISA); packed panels are as wide (native.vector_width).
 // channel_weights (float [C], optional): a learned gate's positive weights on |x - x_ref| per channel.
 // activation (an Activation) with bounds lo, hi (clamp): applied to every written output, so that z holds
 // the activated output and the activation follows the sparsity.
@@ -292,7 +395,9 @@ std::vector<int64_t> skip_step(
     int64_t tile_h, int64_t tile_w, double crossover, at::Tensor& gate, at::Tensor& mark,
     at::Tensor& r_abs, at::Tensor& owned, const c10::optional<at::Tensor>& forced_tiles,
     bool incremental, const c10::optional<at::Tensor>& input_marks,
-    const c10::optional<at::Tensor>& pixel_weight) {
+    const c10::optional<at::Tensor>& pixel_weight, int64_t vectors) {
+  TORCH_CHECK(vectors == 0 || vectors <= vector_width(), "skip_step: this CPU has no ", vectors,
+              "-float vector kernels");
   // (made channels_last here, where it costs a flag check, not in Python: ~1 us a call there)
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "skip_step: x must be float32");
@@ -632,15 +737,17 @@ std::vector<int64_t> skip_step(
     if (groups != 1) {  // depthwise: matrix [taps, C], one output channel per input channel
       const float* wd = matrix.data_ptr<float>();
       const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-      const bool vector_taps = has_avx512();
+
       at::parallel_for(0, m, grain_rows(row_len), [&](int64_t begin, int64_t end) {
         std::vector<float> acc(C);
         std::vector<const float*> tap_rows(taps);
         for (int64_t i = begin; i < end; ++i) {
           float* a = acc.data();
           for (int64_t t = 0; t < taps; ++t) tap_rows[t] = fields[i] + tap_offsets[t];
-          if (vector_taps) {
+          if (vectors == kPanel) {
             depthwise_pixel(a, bd, wd, tap_rows.data(), taps, C);
+          } else if (vectors == kPanel8) {
+            depthwise_pixel_avx2(a, bd, wd, tap_rows.data(), taps, C);
           } else {
             if (bd) std::memcpy(a, bd, C * sizeof(float));
             else std::fill(acc.begin(), acc.end(), 0.f);
@@ -676,7 +783,9 @@ std::vector<int64_t> skip_step(
         rows[i] = into_z ? zd + pixels[i] * Co : scratch_rows + i * Co;
       }
       const Epilogue epilogue{into_z ? bd : nullptr, into_z && activation == kClamp, lo, hi};
-      packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), Co, rows.data(), epilogue);
+      TORCH_CHECK(matrix.size(2) == vectors, "skip_step: weight panels of ", matrix.size(2),
+                  " channels for the ", vectors, "-float kernel");
+      packed_gemm(segments.data(), runs, run, m, matrix.data_ptr<float>(), vectors, Co, rows.data(), epilogue);
       if (into_z) return m;
     } else {  // receptive fields gathered as rows, times the [Co, K] weight read transposed
       at::Tensor columns = scratch(0, m * row_len).narrow(0, 0, m * row_len).view({m, row_len});
@@ -1026,5 +1135,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("concat_marked", &concat_marked, "A channel concatenation rewritten where its inputs changed");
   m.def("pad_marked", &pad_marked, "A zero padding rewritten where its input changed");
   m.def("mean_abs", &mean_abs, "The mean |value| of each sample of a dense float map");
-  m.def("packs_weights", &has_avx512, "Whether the pixel path multiplies packed weight panels");
+  m.def("vector_width", &vector_width, "Floats per register of the widest pixel-path kernels this CPU runs");
 }

@@ -212,6 +212,7 @@ class NativeMaps:
     # the weight as the pixel path reads it (see ``pixel_matrix``): set, the step recomputes output pixels
     # instead of tiles
     pixel_weight: torch.Tensor | None = None
+    vectors: int = 0  # floats per register of the C++ kernels the step runs (``native.vector_width``)
 
 
 class Revision:
@@ -722,6 +723,7 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
     if layer.gate is not None:
         maps.channel_weights = layer.gate.channel_log_weight.detach().exp().float().contiguous()
     maps.pixel_weight = pixel_matrix(layer)
+    maps.vectors = weight_layouts(layer).vectors
     maps.source = ("native", maps)
     return maps
 
@@ -753,6 +755,7 @@ class WeightLayouts:
 
     key: tuple  # the weight's storage, version and the path: a changed weight is laid out again
     pixel_weight: torch.Tensor | None  # see ``pixel_matrix``
+    vectors: int  # the C++ kernels' register width in floats, the packed panels' (``native.vector_width``)
     mean_abs_weight: torch.Tensor  # ||W||_1 / its size, of the output-norm gate (``gate_limits``)
 
 
@@ -763,7 +766,8 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
     weight = layer.weight
     pixels = pixel_path(layer)
     packed = pixels and layer.groups == 1 and native.packs_weights()
-    key = (weight.data_ptr(), weight._version, weight.device, pixels, packed)
+    vectors = native.vector_width()
+    key = (weight.data_ptr(), weight._version, weight.device, pixels, packed, vectors)
     known = layer.__dict__.get(WEIGHT_LAYOUTS)
     if known is not None and known.key == key:
         return known
@@ -774,18 +778,18 @@ def weight_layouts(layer: SkipConv2d) -> WeightLayouts:
             if layer.groups == 1:  # [C_out, kh * kw * C]: a view of the channels_last weight, no copy
                 matrix = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
                 if packed:
-                    matrix = packed_panels(matrix)
+                    matrix = packed_panels(matrix, vectors)
             else:
                 matrix = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0]).contiguous()
         mean_abs = weight.detach().abs().mean().clamp_min(1e-30)
-    layouts = WeightLayouts(key, matrix, mean_abs)
+    layouts = WeightLayouts(key, matrix, vectors, mean_abs)
     layer.__dict__[WEIGHT_LAYOUTS] = layouts
     return layouts
 
 
-def packed_panels(matrix: torch.Tensor, panel: int = 16) -> torch.Tensor:
+def packed_panels(matrix: torch.Tensor, panel: int) -> torch.Tensor:
     """[C_out, K] as the C++ step's packed product reads it: [ceil(C_out / panel), K, panel], the output
-    channels beyond C_out zero."""
+    channels beyond C_out zero (``panel``: the kernel's register width, 16 floats for AVX-512, 8 for AVX2)."""
     out_channels, k = matrix.shape
     panels = -(-out_channels // panel)
     padded = matrix.new_zeros(panels * panel, k)
@@ -835,7 +839,7 @@ def native_step(
         x, state.x_pad, state.z, *maps.layer_args, limits, maps.channel_weights,
         *maps.plan_args,
         state.crossover, maps.gate, maps.mark, maps.r_abs, maps.owned, forced, incremental, marks,
-        maps.pixel_weight,
+        maps.pixel_weight, maps.vectors,
     )  # fmt: skip
 
 
@@ -1031,7 +1035,9 @@ def kernel_path(layer: SkipConv2d, x: torch.Tensor) -> str:
         return "torch"
     if not pixel_path(layer):
         return f"native{native.source_digest()}"
-    return f"native{native.source_digest()}-pixel-blocks" + ("-packed" if native.packs_weights() else "")
+    # (the vector kernels and the packed panels change what a step costs)
+    vectors = f"-v{native.vector_width()}" + ("-packed" if native.packs_weights() else "")
+    return f"native{native.source_digest()}-pixel-blocks{vectors}"
 
 
 def memory_key(layer: SkipConv2d, x: torch.Tensor) -> str:
