@@ -6,8 +6,9 @@ microseconds of dispatch each, that upkeep cost more than oneDNN's whole dense c
 depthwise layers that fill mobile networks, so skipping lost even where most of the map was still. The C++
 step walks each map once for the residual norm, works on one-byte maps for the gate and the footprint, copies
 contiguous channels_last rows for the reference update, the gather and the write-back, and leaves the
-arithmetic to oneDNN/BLAS (``at::conv2d`` on the stack of tiles, or ``addmm`` over the gathered receptive
-fields of the output pixels to write). The same extension holds the sums and upsampling that follow the
+arithmetic of the tiles to oneDNN (``at::conv2d`` on the stack of tiles); the output pixels to write are
+multiplied by its own vector kernels on x86 CPUs with AVX-512 or AVX2 (``vector_width``), else by ``at::mm``
+over their gathered receptive fields. It compiles for other CPUs too (plain loops there). The same extension holds the sums and upsampling that follow the
 sparsity between layers (``engine.elementwise``).
 
 The extension is compiled on first use with the machine's C++ compiler (``torch.utils.cpp_extension``; about

@@ -82,9 +82,10 @@ struct Epilogue {
   float lo, hi;
 };
 
+constexpr int kRows = 6;  // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
+
 #if defined(__x86_64__)
 constexpr int64_t kPanel = 16;  // output channels per weight panel: one AVX-512 register of floats
-constexpr int kRows = 6;        // rows per micro-tile: 6 rows x 2 panels = 12 accumulators
 
 // rows [R] x segments: row r's k-th value is segments[r * count + k / length][k % length]; row r of the
 // result goes to out[r] + col0 (channels col0 .. col0 + cols)
