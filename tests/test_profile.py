@@ -34,6 +34,10 @@ def test_profile_json_has_times_macs_and_layers(env: dict, tmp_path: Path) -> No
         assert counts["sparse" if path == "tiles" else path] == max(counts.values())
         assert share == f"{100 * max(counts.values()) / 8:.0f}%"
     assert data["dense_layout"] in ("nchw", "channels_last")
+    # the CPU code the sparse backend ran, as the engine names it for this machine
+    from skipconv_cli.engine.backends import native
+
+    assert data["cpu_kernel"] == native.kernel_name() and data["cpu_kernel"] in result.stdout
     assert data["memory"]["state_bytes_per_stream"] > 0 and data["memory"]["dense_peak_activation_bytes"] > 0
     assert data["memory"]["weight_layout_bytes"] > 0
     assert "faster" in result.stdout and "of the MAC reduction realised" in result.stdout

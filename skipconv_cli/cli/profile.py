@@ -109,6 +109,8 @@ def print_profile(console: Console, result: dict, top: int) -> None:
         f"({100 * result['realised']:.0f}% of the MAC reduction realised)[/]",
         soft_wrap=True,
     )
+    if result.get("cpu_kernel"):
+        console.print(f"sparse backend's CPU kernel: {result['cpu_kernel']}")
     if t["start_frames"]:
         console.print(
             f"after the stream's first {t['start_frames']} frames (state set-up, first probes): "

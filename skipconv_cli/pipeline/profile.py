@@ -25,6 +25,7 @@ from skipconv_cli.engine import (
     reset_stats,
     skip_layers,
 )
+from skipconv_cli.engine.backends import native
 from skipconv_cli.engine.onednn import OneDNNConv2d
 from skipconv_cli.models.factory import LoadedModel
 from skipconv_cli.pipeline.runner import SkipSettings, dense_baseline, skip_model
@@ -226,6 +227,8 @@ def profile_model(
         "threads": torch.get_num_threads(),
         "dense_layout": dense_layout,
         "device": str(device),
+        # the sparse backend's CPU code here (vector width): speedups differ by it from CPU to CPU
+        "cpu_kernel": native.kernel_name() if device.type == "cpu" and settings.backend == "sparse" else None,
         "time": {
             "dense_ms_per_frame": dense_total,
             "skip_ms_per_frame": skip_total,
