@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import skipconv
@@ -112,3 +113,14 @@ def test_run_compares_with_the_same_dense_baseline_as_profile(videos_dir) -> Non
     with torch.no_grad():
         unconverted, baseline = loaded.module(x), dense.model(x.contiguous(memory_format=torch.channels_last))
     assert (baseline - unconverted).abs().max() <= 1e-4 * unconverted.abs().max()  # BatchNorm folded exactly
+
+
+@pytest.mark.parametrize(
+    "option", [["--warmup", "-1"], ["--top", "-3"], ["--threads", "0"], ["--max-frames", "0"]]
+)
+def test_profile_refuses_bad_counts_in_one_line(option: list[str]) -> None:
+    # (a negative --warmup or --top sliced the frames or the table from the end and went on)
+    result = skipconv("profile", "sample:person", "--model", "light-person", *option)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and option[0] in lines[0]

@@ -45,9 +45,9 @@ def profile(
     device: opt.Device = "cpu",
     backend: opt.Backend = opt.BackendName.sparse,
     threads: opt.Threads = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed frames before measuring.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed frames before measuring.")] = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON.")] = None,
-    top: Annotated[int, typer.Option("--top", help="Layers shown in the table (by dense time).")] = 25,
+    top: Annotated[int, typer.Option("--top", min=0, help="Layers shown in the table (by dense time).")] = 25,
 ) -> None:
     """Measure dense vs skip on the same frames, interleaved, in one process.
 
