@@ -129,6 +129,8 @@ def test_own_model_through_module_function(env: dict, tmp_path: Path) -> None:
         (["sample:person", "--size", "100x100"], "multiples of 32"),
         (["sample:cars", "--start", "5000"], "sample:cars has 377 frames: start frame 5000 is past its end"),
         (["sample:cars", "--start", "-1"], "--start"),
+        (["sample:cars", "--score-threshold", "-0.5"], "--score-threshold"),  # (every box, silently)
+        (["sample:cars", "--score-threshold", "2"], "--score-threshold"),  # (no box, silently)
         (["sample:nothing"], "unknown sample"),
         (["sample:person", "--model", "tests.user_models:missing", "--task", "detect"], "cannot import"),
     ],

@@ -63,9 +63,7 @@ def calibrate(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG plot of MAC reduction against fidelity.")
     ] = None,
-    score_threshold: Annotated[
-        float | None, typer.Option("--score-threshold", help="Minimum detection/person score.")
-    ] = None,
+    score_threshold: opt.ScoreThreshold = None,
     device: opt.Device = "cpu",
     backend: opt.Backend = opt.BackendName.reference,
     threads: opt.Threads = None,

@@ -113,6 +113,15 @@ Backend = Annotated[
         help="sparse (fast: recomputes only what can change) or reference (masked dense, exact counts).",
     ),
 ]
+ScoreThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--score-threshold",
+        min=0.0,
+        max=1.0,
+        help="Minimum detection/person score, 0-1 (default: the model's).",
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option("--threads", callback=_check_positive, help="torch CPU threads (default: torch's)."),

@@ -73,9 +73,7 @@ def run(
             help="Also run the dense model on every frame and report fidelity against it (AP or PCK).",
         ),
     ] = False,
-    score_threshold: Annotated[
-        float | None, typer.Option("--score-threshold", help="Minimum detection/person score.")
-    ] = None,
+    score_threshold: opt.ScoreThreshold = None,
     device: opt.Device = "cpu",
     backend: opt.Backend = opt.BackendName.sparse,
     threads: opt.Threads = None,
