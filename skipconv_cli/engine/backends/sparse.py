@@ -21,7 +21,7 @@ owned inputs take their new value (``torch.where`` into ``x_pad``), then either
 - dense: ``z = conv(x_pad)`` when more tiles (pixel path: blocks) are active than the layer's measured
   crossover.
 On the CPU one C++ call does all of that (``native.py``, ``skip_step.cpp``), and for ungrouped and depthwise
-convs it recomputes the outputs to write one pixel each instead of tiles (``pixel_matrix``); elsewhere the
+convs it recomputes the outputs to write one pixel each instead of tiles (``WeightLayouts``); elsewhere the
 PyTorch ops below.
 
 Which frames skip at all (auto-tuned layers): a layer whose gate alone costs about its convolution runs plain
@@ -209,7 +209,7 @@ class NativeMaps:
     thresholds: tuple | None = None  # (threshold, scale tensor, per-stream limits): recomputed on change
     # a learned (Gumbel) gate's weights on |r| per channel, read when the stream's state is laid out
     channel_weights: torch.Tensor | None = None
-    # the weight as the pixel path reads it (see ``pixel_matrix``): set, the step recomputes output pixels
+    # the weight as the pixel path reads it (see ``WeightLayouts``): set, the step recomputes output pixels
     # instead of tiles
     pixel_weight: torch.Tensor | None = None
     vectors: int = 0  # floats per register of the C++ kernels the step runs (``native.vector_width``)
@@ -722,8 +722,8 @@ def native_maps(layer: SkipConv2d, plan: Plan, x: torch.Tensor) -> NativeMaps:
     )  # fmt: skip
     if layer.gate is not None:
         maps.channel_weights = layer.gate.channel_log_weight.detach().exp().float().contiguous()
-    maps.pixel_weight = pixel_matrix(layer)
-    maps.vectors = weight_layouts(layer).vectors
+    layouts = weight_layouts(layer)
+    maps.pixel_weight, maps.vectors = layouts.pixel_weight, layouts.vectors
     maps.source = ("native", maps)
     return maps
 
@@ -735,26 +735,24 @@ def pixel_path(layer: SkipConv2d) -> bool:
     return (layer.groups == 1 or depthwise) and os.environ.get("SKIPCONV_PIXELS", "1") != "0"
 
 
-def pixel_matrix(layer: SkipConv2d) -> torch.Tensor | None:
-    """The weight as the C++ step's pixel path reads it: for an ungrouped conv [C_out, kh * kw * C] (the
-    channels_last weight itself) or, where the step multiplies packed panels (AVX-512), those
+@dataclass(frozen=True)
+class WeightLayouts:
+    """What the C++ step reads of the weight beyond the weight itself, derived once per weight and kept
+    across streams and resets: laid out again on every stream's first frame, it cost yolox-nano's ~5 ms
+    and HRNet-w32's ~70 ms (its 114 MB of weights copied).
+
+    ``pixel_weight``: the weight as the pixel path reads it: for an ungrouped conv [C_out, kh * kw * C] (the
+    channels_last weight itself) or, where the step multiplies packed panels (AVX-512 or AVX2), those
     (``packed_panels``, a copy); [kh * kw, C] for a depthwise one (a copy). There the outputs to write are
     recomputed one pixel each (their receptive fields times the weight in one matrix product; depthwise:
     tap rows times weights) instead of as tiles of a batched convolution. Measured on HRNet-w32's and the
     mobile models' ungrouped layers at 5-30% active outputs: 1.5-4x faster than the tiles, which cover
     whole 8x8 tiles for 4x4 blocks, convolve a halo, and run oneDNN on stacks of small patches. Other
-    grouped convs keep the tiles."""
-    return weight_layouts(layer).pixel_weight
-
-
-@dataclass(frozen=True)
-class WeightLayouts:
-    """What the C++ step reads of the weight beyond the weight itself, derived once per weight and kept
-    across streams and resets: laid out again on every stream's first frame, it cost yolox-nano's ~5 ms
-    and HRNet-w32's ~70 ms (its 114 MB of weights copied)."""
+    grouped convs keep the tiles (None).
+    """
 
     key: tuple  # the weight's storage, version and the path: a changed weight is laid out again
-    pixel_weight: torch.Tensor | None  # see ``pixel_matrix``
+    pixel_weight: torch.Tensor | None  # (see above)
     vectors: int  # the C++ kernels' register width in floats, the packed panels' (``native.vector_width``)
     mean_abs_weight: torch.Tensor  # ||W||_1 / its size, of the output-norm gate (``gate_limits``)
 
