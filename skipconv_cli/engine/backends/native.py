@@ -118,12 +118,12 @@ def packs_weights() -> bool:
 
 def kernel_name() -> str:
     """What runs the sparse backend's CPU steps, for reports: the C++ kernel with its widest vector code
-    ("avx512", "avx2", "scalar"; ", at::mm" where its products are MKL's), or "torch" (no kernel built: the
-    PyTorch tile path). Speedups differ by it: on one CPU, HRNet-w32 at 4.3x fewer MACs ran 27.6 ms a frame
-    with avx512, 42.9 with avx2, 55.6 with at::mm."""
+    (as ``SKIPCONV_VECTOR`` names it: "avx512", "avx2", "none"; ", at::mm" where its products are MKL's), or
+    "torch" (no kernel built: the PyTorch tile path). Speedups differ by it: on one CPU, HRNet-w32 at 4.3x
+    fewer MACs ran 27.6 ms a frame with avx512, 42.9 with avx2, 55.6 with at::mm."""
     if extension() is None:
         return "torch"
-    name = {16: "avx512", 8: "avx2"}.get(vector_width(), "scalar")
+    name = {width: name for name, width in VECTOR_WIDTHS.items()}[vector_width()]
     return name if packs_weights() else f"{name}, at::mm"
 
 
