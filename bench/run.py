@@ -20,7 +20,7 @@ import torch
 
 from skipconv_cli.engine import report, reset, reset_stats
 from skipconv_cli.models.factory import create_model, resolve_spec
-from skipconv_cli.pipeline.profile import profile_model
+from skipconv_cli.pipeline.profile import batch_of, profile_model
 from skipconv_cli.pipeline.runner import SkipSettings, skip_model
 from skipconv_cli.pipeline.video import open_source
 
@@ -38,6 +38,7 @@ class Row:
     target_reduction: float | None = None  # search the threshold that gives this MAC reduction
     paper_speedup: float | None = None
     frames: int | None = None  # this row's own frame count (else --frames)
+    streams_from: tuple[int, ...] = ()  # several streams in one batch: the clip from each of these frames
 
 
 def rows(frames: int) -> list[Row]:
@@ -61,6 +62,11 @@ def rows(frames: int) -> list[Row]:
             replace(sparse, threshold=0.947), start=1150, frames=130),
         Row("openpose-mbv2-14, person, τ 0.3, 130 frames", "openpose-mbv2-14", "sample:person", (368, 432),
             replace(sparse, threshold=0.3), start=1150, frames=130),
+        # four cameras in one batch (four segments of the clip): the per-layer overheads are paid once a batch
+        Row("hrnet-w32 256, person, 4 streams in a batch", "hrnet-w32", "sample:person", (256, 256),
+            replace(sparse, threshold=0.316), streams_from=(1150, 250, 600, 900)),
+        Row("openpose-mbv2-14, person, τ 0.3, 4 streams in a batch", "openpose-mbv2-14", "sample:person",
+            (368, 432), replace(sparse, threshold=0.3), streams_from=(1150, 250, 600, 900)),
         Row("yolox-nano 416, bikes (moving camera)", "yolox-nano", "sample:bikes", (416, 416),
             replace(sparse, threshold=0.05)),
         # the fallback's back-off settles over a longer stream: most of the clip
@@ -116,10 +122,16 @@ def main() -> None:
             continue
         started = time.perf_counter()
         loaded = create_model(resolve_spec(row.model, None))
-        frames = load_frames(row.clip, row.start, row.frames or args.frames)
+        count = row.frames or args.frames
+        if row.streams_from:  # per time step, one frame of each stream
+            frames = list(
+                zip(*(load_frames(row.clip, start, count) for start in row.streams_from), strict=True)
+            )
+        else:
+            frames = load_frames(row.clip, row.start, count)
         settings = row.settings
         if row.target_reduction is not None:
-            inputs = [loaded.spec.preprocess(f, row.size)[0] for f in frames]
+            inputs = [batch_of(loaded, step, row.size) for step in frames]
             settings = replace(
                 settings, threshold=threshold_for_reduction(loaded, settings, inputs, row.target_reduction)
             )
@@ -146,7 +158,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         "skip interleaved in the same run, after a warm-up; the dense baseline has BatchNorm folded, "
         "activations fused in place, freed memory kept in the process (no page faults a frame) and runs in "
         "its faster memory layout (dense layout column); 'after start': the speedup over the frames after "
-        "the stream's first 10.",
+        "the stream's first 10; rows with several streams run them as one batch (ms per batch, state per "
+        "stream).",
         "",
         "| model, clip | input | gate, τ, block | dense ms | skip ms | speedup | after start | "
         "MAC reduction | realised | paper speedup | max diff (of scale) | state / dense peak | "

@@ -124,3 +124,31 @@ def test_profile_refuses_bad_counts_in_one_line(option: list[str]) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and option[0] in lines[0]
+
+
+def test_profile_runs_streams_as_one_batch(env: dict, tmp_path: Path) -> None:
+    """--streams N: N consecutive segments of the clip in one batch (as N cameras); each stream exact at
+    threshold 0, MACs counted for all of them, memory per stream; a clip too short for them is refused."""
+    runs = {}
+    for streams in (1, 3):
+        out = tmp_path / f"profile{streams}.json"
+        result = skipconv(
+            "profile", "sample:person", "--model", "light-person", "--max-frames", "6",
+            "--streams", str(streams), "--warmup", "1", "--threads", "1", "--threshold", "0", "--block", "4",
+            "--json", str(out), env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        runs[streams] = (json.loads(out.read_text()), result.stdout)
+    (one, _), (three, stdout) = runs[1], runs[3]
+    assert three["streams"] == 3 and three["frames"] == 6 and "batch of 3 streams" in stdout
+    assert three["output_difference"]["relative_to_output_scale"] < 1e-4
+    assert three["macs"]["dense"] == 3 * one["macs"]["dense"]
+    # per stream: the same network and input size, so the same dense peak and about the same state
+    assert three["memory"]["dense_peak_activation_bytes"] == one["memory"]["dense_peak_activation_bytes"]
+    assert 0.9 < three["memory"]["state_bytes_per_stream"] / one["memory"]["state_bytes_per_stream"] < 1.1
+
+    short = skipconv(
+        "profile", "sample:cars", "--model", "light-person", "--max-frames", "200", "--streams", "2"
+    )
+    lines = [line for line in short.stderr.splitlines() if line.strip()]
+    assert short.returncode == 1 and len(lines) == 1 and "--streams 2 needs 2 x --max-frames 200" in lines[0]

@@ -25,6 +25,8 @@ Examples:
   skipconv profile sample:person --model hrnet-w32 --size 256 --start 1150 --max-frames 30 --block 4
 
   skipconv profile sample:cars --model yolox-nano --size 736x1280 --json profile.json
+
+  skipconv profile sample:person --model hrnet-w32 --size 256 --max-frames 30 --streams 4   (4 cameras)
 """
 
 
@@ -48,6 +50,14 @@ def profile(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed frames before measuring.")] = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON.")] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Layers shown in the table (by dense time).")] = 25,
+    streams: Annotated[
+        int,
+        typer.Option(
+            "--streams",
+            min=1,
+            help="Run N consecutive segments of the input (--max-frames each) as one batch, as N cameras.",
+        ),
+    ] = 1,
 ) -> None:
     """Measure dense vs skip on the same frames, interleaved, in one process.
 
@@ -60,7 +70,7 @@ def profile(
 
     if threads:
         torch.set_num_threads(threads)
-    source = open_source(input, max_frames=max_frames, start=start)
+    source = open_source(input, max_frames=max_frames * streams, start=start)
     loaded = load_model(model, task.value if task else None, weights)
     settings = settings_from_options(
         loaded, gate.value, threshold, block, reset_every, calibration, backend=backend.value, gates=gates
@@ -68,6 +78,14 @@ def profile(
     prepare_backend(settings)
     input_size = parse_size(size, loaded.spec.input_size)
     frames = list(source)
+    if streams > 1:
+        if len(frames) < streams * max_frames:
+            raise SkipconvError(
+                f"{source.name} has {len(frames)} frames from frame {start}: --streams {streams} needs "
+                f"{streams} x --max-frames {max_frames}"
+            )
+        segments = [frames[k * max_frames : (k + 1) * max_frames] for k in range(streams)]
+        frames = list(zip(*segments, strict=True))  # per time step, one frame per stream
     if len(frames) <= warmup:
         raise SkipconvError(
             f"{source.name} has {len(frames)} frames; profile needs more than --warmup {warmup}"
@@ -103,8 +121,9 @@ def print_profile(console: Console, result: dict, top: int) -> None:
         )  # fmt: skip
     console.print(table)
     t, macs = result["time"], result["macs"]
+    unit = "frame" if result["streams"] == 1 else f"batch of {result['streams']} streams"
     console.print(
-        f"[bold]dense {t['dense_ms_per_frame']:.1f} ms/frame, skip {t['skip_ms_per_frame']:.1f} ms/frame: "
+        f"[bold]dense {t['dense_ms_per_frame']:.1f} ms/{unit}, skip {t['skip_ms_per_frame']:.1f} ms/{unit}: "
         f"[green]{t['speedup']:.2f}x faster[/], MACs {macs['reduction']:.2f}x fewer "
         f"({100 * result['realised']:.0f}% of the MAC reduction realised)[/]",
         soft_wrap=True,

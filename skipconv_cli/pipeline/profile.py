@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -161,14 +161,16 @@ def ran_as(backend: dict) -> str:
 def profile_model(
     loaded: LoadedModel,
     settings: SkipSettings,
-    frames: list[np.ndarray],
+    frames: Sequence[np.ndarray | Sequence[np.ndarray]],
     input_size: tuple[int, int],
     warmup: int = 3,
     device: torch.device | None = None,
     on_frame: Callable[[int], None] | None = None,
     layer_times: bool = True,
 ) -> dict:
-    """Times the dense model and its Skip-Conv version on the same frames, interleaved.
+    """Times the dense model and its Skip-Conv version on the same frames, interleaved. ``frames``: one frame
+    per time step, or one per stream (a sequence of frames of the same size): the streams run as one batch,
+    as several cameras would, and times are per batch.
 
     The first ``warmup`` frames run through both models untimed (allocator, oneDNN primitive caches,
     the sparse backend's tuning); then the stream restarts from the first frame, densely computed as in
@@ -179,7 +181,8 @@ def profile_model(
     device = device or torch.device("cpu")
     dense = dense_baseline(loaded, device)
     skip = skip_model(loaded, settings)
-    inputs = [loaded.spec.preprocess(frame, input_size)[0].to(device) for frame in frames]
+    inputs = [batch_of(loaded, step, input_size).to(device) for step in frames]
+    streams = inputs[0].shape[0]
     with torch.no_grad():
         for x in inputs[:warmup]:
             dense(x)
@@ -214,12 +217,13 @@ def profile_model(
     # frames probe every layer): what a long stream pays per frame shows after them.
     settled = START_FRAMES if n >= 2 * START_FRAMES else 0
     speedup_settled = statistics.fmean(dense_ms[settled:]) / statistics.fmean(skip_ms[settled:])
-    peak = peak_activation_bytes(dense, inputs[0])
-    state = state_bytes_per_stream(skip)
+    peak = peak_activation_bytes(dense, inputs[0]) // streams  # (the batch's maps hold every stream's)
+    state = state_bytes_per_stream(skip, streams)
     return {
         "model": loaded.name,
         "resolution": list(input_size),
         "frames": n,
+        "streams": streams,
         "gate": settings.gate,
         "threshold": settings.threshold if not isinstance(settings.threshold, dict) else "per-layer",
         "block": settings.block,
@@ -245,13 +249,21 @@ def profile_model(
             "relative_to_output_scale": worst_diff / max(scale, 1e-12),
         },
         "memory": {
-            "dense_peak_activation_bytes": peak,
+            "dense_peak_activation_bytes": peak,  # (per stream, as the state)
             "state_bytes_per_stream": state,
             "state_over_dense_peak": state / max(peak, 1),
             "weight_layout_bytes": weight_layout_bytes(skip),
         },
         "layers": layers,
     }
+
+
+def batch_of(
+    loaded: LoadedModel, step: np.ndarray | Sequence[np.ndarray], input_size: tuple[int, int]
+) -> torch.Tensor:
+    """One time step's network input: a frame, or the frames of several streams stacked as a batch."""
+    frames = [step] if isinstance(step, np.ndarray) else list(step)
+    return torch.cat([loaded.spec.preprocess(frame, input_size)[0] for frame in frames])
 
 
 def _interleaved(
