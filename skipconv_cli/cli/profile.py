@@ -87,8 +87,9 @@ def profile(
         segments = [frames[k * max_frames : (k + 1) * max_frames] for k in range(streams)]
         frames = list(zip(*segments, strict=True))  # per time step, one frame per stream
     if len(frames) <= warmup:
+        per_stream = " per stream" if streams > 1 else ""
         raise SkipconvError(
-            f"{source.name} has {len(frames)} frames; profile needs more than --warmup {warmup}"
+            f"{source.name} has {len(frames)} frames{per_stream}; profile needs more than --warmup {warmup}"
         )
     err = Console(stderr=True)
     with Progress(
