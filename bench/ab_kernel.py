@@ -16,7 +16,6 @@ the same source, HRNet-w32 at ~4.3x fewer MACs, gave medians 29.08 / 28.82 ms ov
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ TIMED = ("skip_step", "add_marked")
 
 
 def build(source: Path, tag: str) -> Any:
-    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:10]
-    return native.build(source, f"skipconv_ab_{tag}_{digest}")
+    return native.build(source, f"skipconv_ab_{tag}_{native.source_digest(source)}")
 
 
 class Timed:

@@ -78,8 +78,8 @@ def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
 def skip_model(loaded: LoadedModel, settings: SkipSettings) -> nn.Module:
     """The converted model. ``dense``: every layer a plain convolution on every frame (the sparse backend's
     plain frames, whatever ``backend`` says), so that a dense run costs what the dense model does and its
-    report has the same per-layer entries, every MAC executed. Like ``dense_baseline``, it fixes the
-    process's allocator thresholds (``keep_freed_memory``): frames do not page-fault their maps in anew."""
+    report has the same per-layer entries, every MAC executed. Like ``dense_baseline``, it sets the process's
+    allocator to keep freed maps (``keep_freed_memory``): frames do not page-fault their maps in anew."""
     keep_freed_memory()
     options: dict = {"gate": settings.gate, "block": settings.block, "backend": settings.backend_used}
     if settings.dense:

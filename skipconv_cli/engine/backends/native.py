@@ -61,9 +61,10 @@ def build(source: Path, name: str) -> Any:
 
 
 @functools.cache
-def source_digest() -> str:
-    """A short hash of the kernel's source: names its build, and keys what was measured with it."""
-    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+def source_digest(source: Path = SOURCE) -> str:
+    """A short hash of the kernel's source (or of a variant's, ``bench/ab_kernel.py``): names its build, and
+    keys what was measured with it."""
+    return hashlib.sha1(source.read_bytes()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
