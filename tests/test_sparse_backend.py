@@ -539,6 +539,25 @@ def test_plain_estimate_is_timed_on_the_plain_call_and_kept_near_it() -> None:
     assert state.dense_seconds <= 2e-12
 
 
+def test_backoff_refreshes_the_plain_estimate_every_few_frames() -> None:
+    """A back-off's plain frames keep the estimate current, timing one frame in ``PLAIN_TIMED_EVERY`` (the
+    timing is Python that every back-off frame would pay otherwise), and end in the resync."""
+    layer = sc.SkipConv2d(8, 8, 3, padding=1, threshold=0.0, block=4, backend="sparse")
+    frames = [torch.rand(1, 8, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(10)]
+    with torch.no_grad():
+        layer(frames[0])
+        state = layer._sparse_state
+        state.tuned, state.timed_seconds = True, 1.0
+        state.plain_left = backoff = 2 * sparse.PLAIN_TIMED_EVERY + 1
+        updates = 0
+        for x in frames[1 : backoff + 1]:
+            state.dense_seconds = 5.0  # a real plain frame is far faster: a timed frame lowers it
+            layer(x)
+            updates += state.dense_seconds < 5.0
+        assert state.plain_left == 0 and torch.equal(state.x_ref, frames[backoff]), "resynced at the end"
+    assert updates == 2
+
+
 def test_time_rule_backs_off_when_sparse_frames_are_slower_on_average() -> None:
     """One sparse frame slower than the plain convolution does not stop a layer whose other frames pay;
     sparse frames slower on average do (then skipping starts over with a fresh average)."""

@@ -77,6 +77,11 @@ BACKOFF_FIRST = 2  # plain frames after a first busy frame (a passing flash cost
 # the back-off grows this much per busy probe: on a moving camera (bikes.mp4, 200 frames) growing by 4
 # instead of 2 probes 6 times instead of 8, each probe costing about two plain frames
 BACKOFF_GROWTH = 4
+# one back-off frame in this many times the plain convolution (``plain_frame``). What a back-off frame costs
+# beyond the convolution is Python, paid at in-model prices (~3x what it costs hot): with every frame timed
+# and the full input check (``input_unchanged``) on fresh maps, yolox-nano on the moving camera ran 5.9%
+# slower than dense, 5.0% without (frames 10-200 of bikes.mp4, six A/B runs in one process, Xeon).
+PLAIN_TIMED_EVERY = 4
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -626,13 +631,15 @@ def plain_frame_if_due(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -
     calls this first: plain frames should cost what an ``nn.Conv2d`` call costs)."""
     if state.plain_forever:
         return plain_frame(layer, state, x)
-    if state.plain_left > 0:
-        if state.plain_left == 1 or input_unchanged(state, x):
-            state.plain_left = 0
-            return resync_frame(layer, state, x)
-        state.plain_left -= 1
-        return plain_frame(layer, state, x, timed=x.is_cpu)  # (CUDA runs asynchronously)
-    return None
+    left = state.plain_left
+    if left <= 0:
+        return None
+    if left == 1 or input_unchanged(state, x):
+        state.plain_left = 0
+        return resync_frame(layer, state, x)
+    state.plain_left = left - 1
+    # every few frames the estimate is refreshed (CUDA runs asynchronously: never)
+    return plain_frame(layer, state, x, timed=left % PLAIN_TIMED_EVERY == 0 and x.is_cpu)
 
 
 def input_unchanged(state: SparseState, x: torch.Tensor) -> bool:
@@ -640,6 +647,9 @@ def input_unchanged(state: SparseState, x: torch.Tensor) -> bool:
     had nothing to do, the scene has calmed down, and the back-off ends early (the frame resyncs the
     state). A back-off grown long while a person walked (32-64 frames) otherwise kept HRNet-w32's layers
     on plain frames through the calm that followed, every layer before them idle."""
+    if revision_of(x) is None:  # a fresh map, the layer before ran plain: the common case, decided early
+        state.plain_input = None
+        return False
     last, state.plain_input = state.plain_input, seen_now(x)
     return change_since(x, last) is None
 
