@@ -246,7 +246,7 @@ def seen_now(t: torch.Tensor) -> Seen | None:
     """What ``change_since`` needs to tell, later, how ``t`` changed from now; None when ``t`` has no
     revision. The tensor is held by weak reference: a layer in back-off would otherwise keep a replaced
     map alive."""
-    revision = revision_of(t)
+    revision = getattr(t, "skipconv_revision", None)  # (``revision_of`` inline: ~1000 calls a frame)
     return (weakref.ref(t), revision.number) if revision is not None else None
 
 
@@ -256,7 +256,7 @@ def change_since(t: torch.Tensor, seen: Seen | None) -> object:
     without a revision, more writes, a write that kept no marks). The one check behind a layer's
     incremental scan (``writes_since_scan``), the early end of a back-off (``input_unchanged``) and the ops
     that follow the sparsity (``elementwise``)."""
-    revision = revision_of(t)
+    revision = getattr(t, "skipconv_revision", None)  # (``revision_of``, inline: see ``seen_now``)
     if seen is None or revision is None or t is not seen[0]():
         return UNKNOWN_CHANGE
     if revision.number == seen[1]:
