@@ -869,13 +869,13 @@ def native_skip_frame(
         own.number += 1
     # the mark map now describes this step: the write of a tiles step, for the next layer's scan
     own.marks, own.marked = (state.maps.mark, own.number) if path == native.PATH_TILES else (None, -1)
-    revision = revision_of(x)
+    seen = seen_now(x)
     # the layer before handed out its state last frame and a fresh map now: it went plain, and its exact
     # output differs from the state it handed out by all the change its gates had left pending (not on the
     # probe after a back-off, whose record is the resync's: a busy probe backs off as it did before there
     # was one)
-    switched = revision is None and state.scanned is not None and not state.probing
-    scanned = (seen_now(x), state.maps.thresholds[2]) if revision is not None else None
+    switched = seen is None and state.scanned is not None and not state.probing
+    scanned = (seen, state.maps.thresholds[2]) if seen is not None else None
     state.scanned = scanned if path != native.PATH_DENSE else None  # (a busy frame leaves r_abs stale)
     state.last_idle = path == native.PATH_IDLE
     layer._native_bookkeeping(x.shape[0], state.maps, computed)
