@@ -624,6 +624,24 @@ def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> 
     assert {layer.backend_stats()["crossover"] for _, layer in sc.engine.skip_layers(again)} == {0.25}
 
 
+def test_a_streams_tuning_key_is_made_once_per_layer(monkeypatch, video_stream: torch.Tensor) -> None:
+    """Every layer's key to the tuning caches is made on its stream's first frame and kept in the state:
+    the first skip frame's lookups (crossover, plain time) and later streams' reuse it, they do not make it
+    again (env reads and string building at in-model prices)."""
+    model = sc.convert(plain_net(), threshold=0.1, block=8, backend="sparse")
+    made = []
+    memory_key = sparse.memory_key
+    monkeypatch.setattr(sparse, "memory_key", lambda *args: made.append(1) or memory_key(*args))
+    layers = len(list(sc.engine.skip_layers(model)))
+    with torch.no_grad():
+        for stream in range(2):
+            sc.reset(model)
+            for frame in video_stream[:3]:
+                model(frame)
+            assert len(made) == layers * (stream + 1)
+    assert all(layer._sparse_state.key for _, layer in sc.engine.skip_layers(model))
+
+
 def test_downstream_inplace_ops_do_not_corrupt_the_state(video_stream: torch.Tensor) -> None:
     # resnet-basic ends its blocks with in-place adds and ReLUs on the conv outputs
     _, _, worst, scale, _ = run_both(build("resnet-basic"), video_stream[:8], threshold=0.0, block=2)

@@ -51,6 +51,13 @@ _NO_MARKS = torch.empty(0, dtype=torch.uint8)  # what a pass over every pixel wr
 IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
 
 
+def _channels_last_map(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised map of ``shape`` laid out channels_last, as ``like`` (``new_empty`` then
+    ``contiguous`` allocated it twice and copied it: openpose-mbv2-14's first frame took 191 ms, 179 ms
+    without, medians of 8 streams)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
 class FollowsSparsity(nn.Module):
     """The state of an op that follows the sparsity: its output (handed out as is, valid until its next
     call), the mark map of its last write, its revision, and what it last read."""
@@ -259,7 +266,7 @@ class SparseUpsample(FollowsSparsity):
             return self.upsample(x)
         compare = self.intact()  # (as in ``SparseSum.forward``)
         if self.out is None:
-            self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
+            self.lay_out(_channels_last_map(x, shape))
         written = self._write(x, None, compare)
         self.wrote(written if compare else None)
         return self.hand_out(x)
@@ -300,7 +307,7 @@ class SparseConcat(FollowsSparsity):
                 self.wrote(concat(list(tensors), marks, changes, self.out, self.marks))
         else:
             if self.out is None:
-                self.lay_out(first.new_empty(shape).contiguous(memory_format=torch.channels_last))
+                self.lay_out(_channels_last_map(first, shape))
             concat(list(tensors), [None] * len(tensors), [_WHOLE] * len(tensors), self.out, self.marks)
             self.split = split
             self.wrote(None)
@@ -362,7 +369,7 @@ class SparsePad(FollowsSparsity):
                 self.wrote(pad(x, self.out, known, top, left, _MARKED, self.marks))
         else:
             if self.out is None:
-                self.lay_out(x.new_empty(shape).contiguous(memory_format=torch.channels_last))
+                self.lay_out(_channels_last_map(x, shape))
             pad(x, self.out, None, top, left, _WHOLE, self.marks)
             self.offset = (top, left)
             self.wrote(None)

@@ -285,6 +285,10 @@ class SparseState:
     x_ref: torch.Tensor  # the unpadded interior: a view into x_pad
     z: torch.Tensor
     plan: Plan
+    # ``memory_key`` of the layer and its input, made once a stream (env reads and ~15 string parts): made
+    # again by the tuning lookups, a stream's first skip frame took 14.2 ms (openpose-mbv2-14) and 16.7 ms
+    # (HRNet-w32) instead of 8.9 and 9.1 (medians of 8 streams)
+    key: str = ""
     crossover: float = 1.0  # fraction of active units (``units_per_sample``) above which dense is faster
     tuned: bool = False
     residual: torch.Tensor | None = None  # scratch buffer reused every frame (PyTorch path)
@@ -384,7 +388,8 @@ def channels_last_weight(layer: SkipConv2d) -> None:
 def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     """First frame of a stream (or a reset): everything computed, state laid out for gathering."""
     channels_last_weight(layer)
-    known = _MEMORY_CACHE.get(memory_key(layer, x), 1.0) if layer.crossover is None else 1.0
+    key = memory_key(layer, x)
+    known = _MEMORY_CACHE.get(key, 1.0) if layer.crossover is None else 1.0
     if layer.always_plain:
         known = 0.0
     if known < PLAIN_BELOW:  # tuned to plain convolutions before (an earlier stream): no state to lay out
@@ -404,7 +409,7 @@ def dense_frame(layer: SkipConv2d, x: torch.Tensor) -> torch.Tensor:
     layer._dense_bookkeeping(x, z)  # the output scale is the convolution's, before any activation
     activate(layer, z)
     plan = build_plan(layer, tuple(x.shape[-2:]), tuple(z.shape[-2:]), x.device)
-    state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan)
+    state = SparseState(x_pad=x_pad, x_ref=_interior(layer, x_pad), z=z, plan=plan, key=key)
     if native.supports(layer, x):
         state.maps = native_maps(layer, plan, x)
         record_taken_input(layer, state, x)
@@ -500,10 +505,10 @@ def tune(layer: SkipConv2d, state: SparseState, x: torch.Tensor) -> None:
         state.go_plain()
         layer.__dict__.pop(WEIGHT_LAYOUTS, None)  # (nor the weight's copy, kept across streams otherwise)
     elif state.x_pad.device.type == "cpu":
-        state.dense_seconds = state.timed_seconds = plain_seconds(layer, x)
+        state.dense_seconds = state.timed_seconds = plain_seconds(layer, x, state.key)
 
 
-def plain_seconds(layer: SkipConv2d, x: torch.Tensor) -> float:
+def plain_seconds(layer: SkipConv2d, x: torch.Tensor, key: str | None = None) -> float:
     """What a plain frame takes here: timed once per process and layer geometry. Timing it on the first
     skip frame of every stream ran each convolution twice more there (HRNet-w32: that frame took 2.5x a
     dense frame); plain frames keep each stream's own estimate current from then on.
@@ -513,7 +518,7 @@ def plain_seconds(layer: SkipConv2d, x: torch.Tensor) -> float:
     single slow run went into the estimate; yolox-nano's layers started at up to 5x their plain time
     (948 vs 186 us), judged their slower sparse frames as paying, and never ran the plain frames that
     would have corrected it."""
-    key = memory_key(layer, x)
+    key = key or memory_key(layer, x)
     if key not in _PLAIN_SECONDS:
         _PLAIN_SECONDS[key] = _measured_time(lambda: plain_conv(layer, x), x.device, layer=layer, warm=x)
     return _PLAIN_SECONDS[key]
@@ -1091,10 +1096,9 @@ def _write_cache(path: Path, key: str, value: float) -> None:
 
 def crossover_for(layer: SkipConv2d, state: SparseState) -> float:
     """The layer's crossover fraction, from memory, the disk cache, or a fresh measurement."""
-    key = tuning_key(layer, state.x_ref)
-    path = cache_file(state.x_pad.device)
-    in_memory = f"{path}:{key}"
+    in_memory = state.key or memory_key(layer, state.x_ref)
     if in_memory not in _MEMORY_CACHE:
+        key, path = tuning_key(layer, state.x_ref), cache_file(state.x_pad.device)
         cached = _read_cache(path).get(key)
         if cached is None:
             cached = measure_crossover(layer, state)
