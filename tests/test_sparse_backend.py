@@ -625,9 +625,9 @@ def test_auto_tuning_is_cached_on_disk(tmp_path, video_stream: torch.Tensor) -> 
 
 
 def test_a_streams_tuning_key_is_made_once_per_layer(monkeypatch, video_stream: torch.Tensor) -> None:
-    """Every layer's key to the tuning caches is made on its stream's first frame and kept in the state:
-    the first skip frame's lookups (crossover, plain time) and later streams' reuse it, they do not make it
-    again (env reads and string building at in-model prices)."""
+    """Every layer's key to the tuning caches is made once a stream, on its first frame, and kept in the
+    state: the first skip frame's lookups (crossover, plain time) reuse it instead of making it again (env
+    reads and string building at in-model prices)."""
     model = sc.convert(plain_net(), threshold=0.1, block=8, backend="sparse")
     made = []
     memory_key = sparse.memory_key

@@ -196,9 +196,9 @@ class SparseSum(FollowsSparsity):
         extension = native.extension()
         if changes is not None and extension is not None:
             # The common call, decided first: the maps of the last call (``covered`` then), their writes
-            # since known. After the checks below, as it was, HRNet-w32's 161 sums a frame (~24 us of
-            # Python each in the model) cost 2% more of a frame at ~4.3x fewer MACs, 7% at ~7.7x (A/B in
-            # one process).
+            # since known. Decided after the checks below, as it was, it cost HRNet-w32 2% more of a frame
+            # at ~4.3x fewer MACs and 7% at ~7.7x (161 sums a frame, ~24 us of Python each in the model;
+            # A/B in one process).
             if changes[0] is not None or changes[1] is not None:
                 self.wrote(extension.add_marked(a, b, self.out, *changes, *activation, self.marks, False))
             return self.hand_out(a, b)
