@@ -652,10 +652,11 @@ def input_unchanged(state: SparseState, x: torch.Tensor) -> bool:
     had nothing to do, the scene has calmed down, and the back-off ends early (the frame resyncs the
     state). A back-off grown long while a person walked (32-64 frames) otherwise kept HRNet-w32's layers
     on plain frames through the calm that followed, every layer before them idle."""
-    if revision_of(x) is None:  # a fresh map, the layer before ran plain: the common case, decided early
+    seen = seen_now(x)
+    if seen is None:  # a fresh map, the layer before ran plain: the common case, decided early
         state.plain_input = None
         return False
-    last, state.plain_input = state.plain_input, seen_now(x)
+    last, state.plain_input = state.plain_input, seen
     return change_since(x, last) is None
 
 
