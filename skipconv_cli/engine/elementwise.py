@@ -104,10 +104,9 @@ class FollowsSparsity(nn.Module):
         output written into)."""
         if not self.intact() or len(tensors) != len(self.inputs):
             return None
-        # (a plain loop, ``change_of`` inline: it runs on every call of every op)
-        found = []
+        found = []  # (a plain loop that stops at the first unknown change: it runs on every call of every op)
         for t, seen in zip(tensors, self.inputs, strict=True):
-            change = UNKNOWN_CHANGE if t.is_inference() else change_since(t, seen)
+            change = self.change_of(t, seen)
             if change is UNKNOWN_CHANGE:
                 return None
             found.append(change)
